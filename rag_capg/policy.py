@@ -1,0 +1,146 @@
+"""The early-stage ranker as a Plackett-Luce (PL) policy over a corpus: sampling and log-probabilities.
+
+Every function takes a batch of logit vectors ``logits`` of shape (B, N) (one row per query, one column per
+corpus item) and works on any device. Item weights are ``w_j = exp(s_j)``; ``p = softmax(s)``.
+
+* A PL list S = (c_1, ..., c_K) is drawn without replacement: c_k is chosen among the items not yet drawn
+  with probability proportional to w. Its log-likelihood is
+
+      log pi(S) = sum_k [ s_{c_k} - log D_k ],   D_k = sum_{j not in c_1..c_{k-1}} w_j.
+
+  The textbook form D_k = exp(Z) - sum_{j<k} w_{c_j} (Z = logsumexp(s)) cancels catastrophically once the
+  first few items hold nearly all the mass (a peaked policy). We use the equivalent *suffix* form
+
+      D_k = W_rest + sum_{j >= k} w_{c_j},   W_rest = sum of the weights of the items not in S,
+
+  a sum of positive terms, evaluated in log space with one reversed ``logcumsumexp`` over the K list
+  logits and one masked ``logsumexp`` over the corpus. No Python loop over positions, no cancellation.
+
+* Sampling uses the Gumbel top-k trick: the top-k of ``s + Gumbel noise`` is an exact PL sample, ordered.
+  (We draw the noise as ``-log(E)``, E ~ Exp(1), which is the same Gumbel(0, 1) distribution.)
+
+Half-precision inputs are upcast to float32; log-probabilities are returned in the (upcast) input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "sample_plackett_luce",
+    "deterministic_top_k",
+    "plackett_luce_log_prob",
+    "with_replacement_log_prob",
+    "item_log_prob",
+    "entropy",
+]
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a (B, N) tensor, got shape {shape}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def _check_index(logits: torch.Tensor, index: torch.Tensor, name: str) -> None:
+    if not isinstance(index, torch.Tensor) or index.dim() != 2 or index.shape[0] != logits.shape[0]:
+        shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+        raise ValueError(f"{name} must be a (B, *) index tensor with B={logits.shape[0]} rows "
+                         f"(like logits {tuple(logits.shape)}), got shape {shape}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer corpus indices, got {index.dtype}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= logits.shape[1]):
+        raise ValueError(f"{name} holds indices outside [0, {logits.shape[1]}): "
+                         f"min {int(index.min())}, max {int(index.max())}")
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Never compute normalisers in half precision: exp/log of 16-bit floats lose everything."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _masked_logits(logits: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits with disallowed items set to -inf, after checking that every row has >= k drawable items."""
+    _check_logits(logits)
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k must be in [1, N={logits.shape[1]}], got {k}")
+    allowed = logits > float("-inf")  # an item of weight exp(-inf) = 0 can never be drawn either
+    if mask is not None:
+        if mask.shape != logits.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(logits.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        allowed = allowed & ~mask
+    n_allowed = allowed.sum(dim=1)
+    if bool((n_allowed < k).any()):
+        row = int(torch.argmin(n_allowed))
+        raise ValueError(f"cannot draw k={k} items: row {row} has only {int(n_allowed[row])} allowed "
+                         f"(unmasked, finite-logit) items")
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+@torch.no_grad()
+def sample_plackett_luce(logits: torch.Tensor, k: int, *, mask: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one ordered PL list of k distinct items per row by Gumbel top-k. Returns LongTensor (B, k).
+
+    ``mask`` (bool, (B, N), True = may not be drawn) removes items from the draw; it is an error if a row
+    has fewer than k allowed items. ``generator`` (on the logits' device) makes the draw reproducible.
+    """
+    s = _masked_logits(_upcast(logits.detach()), k, mask)
+    # -log(E), E ~ Exp(1), is Gumbel(0, 1); top-k of the perturbed scores, sorted, is a PL sample.
+    e = torch.empty_like(s).exponential_(generator=generator)
+    return torch.topk(s - e.log(), k, dim=1, sorted=True).indices
+
+
+@torch.no_grad()
+def deterministic_top_k(logits: torch.Tensor, k: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The k highest-logit allowed items per row, best first (the ESR at evaluation). LongTensor (B, k)."""
+    s = _masked_logits(logits.detach(), k, mask)
+    return torch.topk(s, k, dim=1, sorted=True).indices
+
+
+def _logsumexp_excluding(s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log sum_{j not in index[b]} exp(s_bj), shape (B,). Rows where nothing is left give a huge negative
+    finite number rather than -inf, so that autograd never meets exp(-inf - -inf) = NaN."""
+    very_negative = torch.finfo(s.dtype).min / 4
+    return torch.logsumexp(s.scatter(1, index, very_negative), dim=1)
+
+
+def plackett_luce_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """Ordered PL log-likelihood log pi(S) of each row's list (B, K) of distinct items. Returns (B,).
+
+    Differentiable w.r.t. logits. Suffix form of the normalisers (see the module docstring):
+    log D_k = logaddexp(log W_rest, logcumsumexp of the list logits taken from the end).
+    """
+    _check_logits(logits)
+    _check_index(logits, lists, "lists")
+    s = _upcast(logits)
+    s_list = s.gather(1, lists)  # (B, K)
+    log_rest = _logsumexp_excluding(s, lists)  # (B,) mass of the items never drawn
+    # suffix[k] = log sum_{j >= k} w_{c_j}: reverse, cumulative logsumexp, reverse back.
+    suffix = torch.logcumsumexp(s_list.flip(1), dim=1).flip(1)
+    log_denominators = torch.logaddexp(suffix, log_rest[:, None])
+    return (s_list - log_denominators).sum(dim=1)
+
+
+def with_replacement_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """sum_k log softmax(s)_{c_k}: the list read as K independent draws with replacement (V-PG-SwR). (B,)"""
+    return item_log_prob(logits, lists).sum(dim=1)
+
+
+def item_log_prob(logits: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """log softmax(s) at the given items (B, L) -> (B, L). (TOP1 / CA-PG-SwR's per-item term.)"""
+    _check_logits(logits)
+    _check_index(logits, items, "items")
+    s = _upcast(logits)
+    return s.gather(1, items) - torch.logsumexp(s, dim=1, keepdim=True)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(s) per row, (B,), for logging. Items at -inf contribute 0."""
+    _check_logits(logits)
+    log_p = torch.log_softmax(_upcast(logits), dim=1)
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=1)
