@@ -155,7 +155,9 @@ def _binned_tail_rate(s: torch.Tensor, top: torch.Tensor, s_ref: torch.Tensor, l
             1, idx, torch.ones_like(s))[:, :num_bins]
     u = torch.exp(s - s_bound.detach())  # <= 1 on the tail
     w_bins = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add(1, idx, u)[:, :num_bins]
-    mean_r = w_bins / counts.clamp_min(1.0) * torch.exp(s_bound.detach() - s_ref)[..., None]  # (B, L, bins)
+    # (B, 1, bins) * (B, L, 1): each row's bins scaled by that row's picks (not (1, B, bins), which would
+    # broadcast row l's bins onto pick l of every row)
+    mean_r = (w_bins / counts.clamp_min(1.0))[:, None, :] * torch.exp(s_bound.detach() - s_ref)[..., None]
     return (counts[:, None, :, None] * -torch.expm1(mean_r[..., None] * log_v)).sum(dim=2)  # (B, L, n)
 
 
