@@ -243,20 +243,19 @@ def check_hub_access() -> tuple[str, str]:
 
 
 def push_folder(folder: Path, cfg: ExportConfig, token: str) -> str:
-    from huggingface_hub import HfApi
+    """Upload the finished folder with sentence-transformers' own push_to_hub (local_model_path: the folder
+    as built and verified, our card included), which makes one Hub commit: every file lands or none does."""
+    from sentence_transformers import SentenceTransformer
 
-    api = HfApi()
+    model = SentenceTransformer(str(folder), device="cpu")
     try:
-        api.create_repo(cfg.push_to_hub, token=token, private=cfg.private, exist_ok=True)
-        if cfg.revision:
-            api.create_branch(cfg.push_to_hub, branch=cfg.revision, token=token, exist_ok=True)
-        # upload_folder makes one commit: either every file lands or none does.
-        info = api.upload_folder(repo_id=cfg.push_to_hub, folder_path=folder, token=token, revision=cfg.revision,
-                                 create_pr=cfg.create_pr, commit_message="Upload rag-capg fine-tuned retriever")
+        url = model.push_to_hub(cfg.push_to_hub, token=token, private=cfg.private, local_model_path=str(folder),
+                                exist_ok=True, revision=cfg.revision, create_pr=cfg.create_pr,
+                                commit_message="Upload rag-capg fine-tuned retriever")
     except Exception as err:
         raise InputError(f"upload to {cfg.push_to_hub} failed: {type(err).__name__}: "
                          f"{_scrub(str(err), token)[:300]}") from None
-    return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or cfg.push_to_hub)
+    return str(url or cfg.push_to_hub)
 
 
 # ---- building the folder ----------------------------------------------------------------------------------

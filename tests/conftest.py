@@ -41,15 +41,16 @@ def _tiny_bert_config(**extra):
 
 def build_tiny_bi_encoder(out_dir: Path, seed: int = 0) -> Path:
     """A random 2-layer BERT + mean pooling saved as a sentence-transformers folder."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import AutoTokenizer, BertModel
 
     torch.manual_seed(seed)
     hf_dir = out_dir / "hf"
     BertModel(_tiny_bert_config()).save_pretrained(hf_dir)
     AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(hf_dir)
-    transformer = models.Transformer(str(hf_dir), max_seq_length=64)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    transformer = Transformer(str(hf_dir), max_seq_length=64)
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
     model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
     st_dir = out_dir / "st"
     model.save(str(st_dir))

@@ -253,8 +253,9 @@ def test_bad_options_are_input_errors(trained_run, capsys):
 
 
 def test_push_wiring_private_revision_pr(trained_run, monkeypatch, capsys):
-    """The upload itself, with HfApi's network methods replaced by recorders (no Hub here): one repo
-    creation with --private, the branch for --revision, one upload_folder commit holding the whole model."""
+    """The upload itself (sentence-transformers' push_to_hub), with HfApi's network methods replaced by
+    recorders (no Hub here): one repo creation with --private, the branch for --revision, one upload_folder
+    commit holding the whole model, with the token only inside the client."""
     from huggingface_hub import HfApi, constants
 
     calls = []
@@ -263,7 +264,10 @@ def test_push_wiring_private_revision_pr(trained_run, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", SENTINEL)
     monkeypatch.setattr(HfApi, "whoami", lambda self, token=None, **kw: calls.append(("whoami", token)) or
                         {"name": "someone"})
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
+    from huggingface_hub.hf_api import RepoUrl
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw))
+                        or RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.append(("create_branch", repo_id,
                                                                                           kw)))
 
@@ -273,7 +277,7 @@ def test_push_wiring_private_revision_pr(trained_run, monkeypatch, capsys):
     def upload_folder(self, **kw):
         files = sorted(p.relative_to(kw["folder_path"]).as_posix() for p in Path(kw["folder_path"]).rglob("*")
                        if p.is_file())
-        calls.append(("upload_folder", kw["repo_id"], kw["revision"], kw["create_pr"], kw["token"], files))
+        calls.append(("upload_folder", kw["repo_id"], kw["revision"], kw["create_pr"], self.token, files))
         return Info()
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
