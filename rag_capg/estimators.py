@@ -88,12 +88,14 @@ def surrogate_loss(estimator: Estimator, logits: torch.Tensor, lists: torch.Tens
     r = rewards.detach()
     K = lists.shape[1]
     if estimator in ("vpg", "vpg_swr"):
-        list_reward = r.mean(dim=1)  # V-PG rewards the whole list with the mean of its picked rewards
         if estimator == "vpg":
             score = plackett_luce_log_prob(logits, lists)
         else:
             score = with_replacement_log_prob(logits, lists)
-        per_query = list_reward.to(score.dtype) * score
+        # V-PG rewards the whole list with the mean of its picked rewards (averaged in the score's dtype,
+        # never in half precision)
+        list_reward = r.to(score.dtype).mean(dim=1)
+        per_query = list_reward * score
     else:
         if estimator == "top1":
             score = item_log_prob(logits, picks)
