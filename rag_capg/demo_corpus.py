@@ -241,7 +241,7 @@ def write_beir(data: dict, folder: Path) -> None:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RAG_CAPG_CACHE", Path.home() / ".cache" / "rag_capg")).expanduser()
+    return Path(os.environ.get("RAG_CAPG_CACHE", Path.home() / ".cache" / "rag-capg")).expanduser()
 
 
 def demo_dir(name: str = "stdlib", *, options: DemoOptions = DemoOptions(), cache_dir: str | Path | None = None,

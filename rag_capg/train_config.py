@@ -62,7 +62,7 @@ class TrainConfig:
     lsr_prompt: str | None = field(default=None, metadata={"help": (
         "llm_judge: prompt template with {query} and {passage}; the score is P(yes) / (P(yes) + P(no))")})
     lsr_callable: str | None = field(default=None, metadata={"help": (
-        "callable: 'module:function' taking (queries, passages) -> scores (B, K)")})
+        "callable: 'module:function' taking (query_ids, queries, passage_ids, passages) -> scores (B, K)")})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
     lsr_on_error: Literal["error", "skip_query"] = field(default="error", metadata={"help": (
         "a judge that raises or returns NaN: stop with an error, or drop that query from the step (counted)")})
@@ -95,8 +95,9 @@ class TrainConfig:
         "queries per optimizer step, over all processes and accumulation steps (the global batch)")})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": (
-        "autocast for the encoders (GPU); the policy's normalisers are always computed in float32")})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={"help": (
+        "autocast for the encoders (GPU); unset = what `accelerate launch` was configured with, else no. "
+        "The policy's normalisers are always computed in float32")})
     dropout: bool = field(default=False, metadata={"help": (
         "keep the encoder's dropout on while training. Off by default: the policy that samples the list "
         "is then exactly the one whose log-probability is differentiated")})
