@@ -1,35 +1,37 @@
-"""Ranking metrics that equal trec_eval / pytrec_eval (and ranx) on the same run, plus paired tests.
+"""Ranking metrics computed by trec_eval (through pytrec_eval), plus paired significance tests (scipy).
 
 A run is ``{query_id: {doc_id: score}}``, qrels are ``{query_id: {doc_id: grade}}``. Metric names are
-``recall@k``, ``ndcg@k``, ``mrr@k`` and ``map@k``; the equivalent pytrec_eval measures are ``recall_k``,
-``ndcg_cut_k``, ``recip_rank`` on the run cut at k, and ``map_cut_k``; ranx uses the same names as here.
+``recall@k``, ``ndcg@k``, ``mrr@k`` and ``map@k`` (ranx's names); this module maps them onto trec_eval's
+measures and only adds the two conventions trec_eval leaves to the caller:
 
-Conventions (each one is checked against pytrec_eval and ranx in tests/test_metrics.py):
+    recall@k -> recall_k      ndcg@k -> ndcg_cut_k      map@k -> map_cut_k
+    mrr@k    -> recip_rank on the run cut at depth k (trec_eval's recip_rank has no cut-off)
 
-- Ranking: score descending, ties broken by doc id *descending* (string order), exactly like trec_eval
-  (pytrec_eval). ranx breaks ties by an unstable sort over hashed ids, so it agrees with us only on runs
-  without ties; the tests compare it on tie-free runs and pytrec_eval on runs with many ties.
-- Relevance: a document is relevant when its grade is >= 1 (trec_eval's ``relevance_level`` 1, ranx's
-  ``rel_lvl`` 1). Recall, MRR and MAP are binary; nDCG uses the grade itself as the gain (linear gain,
-  Jarvelin & Kekalainen 2002), which is trec_eval's ``ndcg_cut`` and ranx's ``ndcg`` (not the Burges
-  2^g - 1 gain of ranx's ``ndcg_burges``):
+What these measure (trec_eval's definitions; tests/test_metrics.py checks them against ranx and against a
+brute-force reference):
+
+- Ranking: score descending, ties broken by doc id *descending* (string order). This is trec_eval's order;
+  `rank_documents` reproduces it, for writing TREC files and for cutting a run at k before recip_rank.
+- Relevance: grade >= 1 (trec_eval's relevance_level 1). Recall, MRR and MAP are binary; nDCG uses the grade
+  itself as the gain (linear gain, Jarvelin & Kekalainen 2002; ranx's ``ndcg``, not its ``ndcg_burges``):
 
       DCG@k  = sum_{i=1..k} g(d_i) / log2(i + 1)
       nDCG@k = DCG@k / IDCG@k,     IDCG@k = DCG@k of the judged documents sorted by grade.
 
-- MAP@k divides by the number of relevant documents R (not min(R, k)), as trec_eval's ``map_cut`` and
-  ranx's ``map@k`` do: AP@k = (1/R) sum_{i<=k, d_i relevant} precision@i.
+- MAP@k divides by the number of relevant documents R (not min(R, k)): AP@k = (1/R) sum_{i<=k, d_i rel} P@i.
+
+The two conventions we add:
+
 - Queries with no relevant document (no qrels entry, or only grade-0 judgements) are *excluded* from the
-  means: every metric is 0/0 for them. pytrec_eval skips a query absent from the qrels but scores one with
-  only grade-0 judgements as 0; we skip both so that a query set's mean does not depend on whether the
-  non-relevant judgements were shipped (ranx scores both as 0, which lowers its mean).
-- A query with relevant documents but missing from the run scores 0 on every metric (a retriever that
-  returns nothing for a query failed on it); pytrec_eval would silently drop it, ranx raises.
+  means: every metric is 0/0 for them. trec_eval skips a query absent from the qrels but scores one with only
+  grade-0 judgements as 0; we skip both, so that a mean does not depend on whether the non-relevant judgements
+  were shipped (ranx scores both as 0, which lowers its mean).
+- A query with relevant documents but missing from the run (or with an empty ranking) scores 0 on every
+  metric: a retriever that returns nothing failed on that query. trec_eval silently drops it; ranx raises.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import numpy as np
@@ -39,6 +41,8 @@ Qrels = dict[str, dict[str, int]]
 SignificanceTest = Literal["randomization", "t-test"]
 
 METRIC_FAMILIES = ("recall", "ndcg", "mrr", "map")
+# trec_eval measure behind each family, except mrr (recip_rank on the cut run, see per_query_scores)
+TREC_MEASURE = {"recall": "recall", "ndcg": "ndcg_cut", "map": "map_cut"}
 
 
 def parse_metric(name: str) -> tuple[str, int]:
@@ -59,50 +63,36 @@ def rank_documents(doc_scores: dict[str, float], depth: int | None = None) -> li
     return ids if depth is None else ids[:depth]
 
 
-def _query_metrics(ranked: list[str], grades: dict[str, int], cuts: dict[str, list[int]]) -> dict[str, float]:
-    """All requested metrics for one query; ``ranked`` is already in trec_eval order."""
-    relevant = {d for d, g in grades.items() if g >= 1}
-    num_rel = len(relevant)
-    depth = max(k for ks in cuts.values() for k in ks)
-    gains = np.array([max(grades.get(d, 0), 0) for d in ranked[:depth]], dtype=np.float64)
-    hits = (gains >= 1).astype(np.float64)  # grade >= 1 <=> relevant; gains are integers
-    n = len(gains)
-    discounts = 1.0 / np.log2(np.arange(2, depth + 2, dtype=np.float64))
-    cum_hits = np.cumsum(hits)
-    out: dict[str, float] = {}
-    for k in cuts.get("recall", []):
-        out[f"recall@{k}"] = float(cum_hits[min(k, n) - 1] / num_rel) if n else 0.0
-    for k in cuts.get("mrr", []):
-        first = np.flatnonzero(hits[:k])
-        out[f"mrr@{k}"] = float(1.0 / (first[0] + 1)) if len(first) else 0.0
-    for k in cuts.get("map", []):
-        m = min(k, n)
-        precision_at_hits = (cum_hits[:m] / np.arange(1, m + 1)) * hits[:m]
-        out[f"map@{k}"] = float(precision_at_hits.sum() / num_rel)
-    if "ndcg" in cuts:
-        ideal = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
-        for k in cuts["ndcg"]:
-            dcg = float(np.dot(gains[:k], discounts[:min(k, n)]))
-            idcg = float(np.dot(ideal[:k], discounts[:min(k, len(ideal))]))
-            out[f"ndcg@{k}"] = dcg / idcg
-    return out
-
-
 def per_query_scores(run: Run, qrels: Qrels, metrics: list[str]) -> dict[str, dict[str, float]]:
     """``{metric: {query_id: value}}`` over the queries with at least one relevant document."""
+    import pytrec_eval
+
     cuts: dict[str, list[int]] = {}
     for name in metrics:
         family, k = parse_metric(name)
         cuts.setdefault(family, []).append(k)
-    depth = max(k for ks in cuts.values() for k in ks)
-    out: dict[str, dict[str, float]] = {m: {} for m in metrics}
-    for qid, grades in qrels.items():
-        if not any(g >= 1 for g in grades.values()):
-            continue
-        ranked = rank_documents(run.get(qid, {}), depth)
-        values = _query_metrics(ranked, grades, cuts)
-        for m in metrics:
-            out[m][qid] = values[m]
+    labelled = {str(q): {str(d): int(g) for d, g in grades.items()}
+                for q, grades in qrels.items() if any(g >= 1 for g in grades.values())}
+    # Start every labelled query at 0: trec_eval drops those the run does not answer, and they keep the 0.
+    out: dict[str, dict[str, float]] = {m: dict.fromkeys(labelled, 0.0) for m in metrics}
+    answered = {q: {str(d): float(s) for d, s in run[q].items()} for q in labelled if run.get(q)}
+    if not answered:
+        return out
+    measures = {f"{TREC_MEASURE[f]}.{','.join(map(str, sorted(set(ks))))}" for f, ks in cuts.items() if f != "mrr"}
+    if measures:
+        result = pytrec_eval.RelevanceEvaluator(labelled, measures).evaluate(answered)
+        for name in metrics:
+            family, k = parse_metric(name)
+            if family != "mrr":
+                for q, values in result.items():
+                    out[name][q] = values[f"{TREC_MEASURE[family]}_{k}"]
+    for k in sorted(set(cuts.get("mrr", []))):
+        # MRR@k: the reciprocal rank of the first relevant document if it is within the top k, else 0. Cutting
+        # the run at k in trec_eval's own order and asking for recip_rank gives exactly that.
+        cut = {q: {d: docs[d] for d in rank_documents(docs, k)} for q, docs in answered.items()}
+        result = pytrec_eval.RelevanceEvaluator(labelled, {"recip_rank"}).evaluate(cut)
+        for q, values in result.items():
+            out[f"mrr@{k}"][q] = values["recip_rank"]
     return out
 
 
@@ -118,50 +108,46 @@ def evaluate_run(run: Run, qrels: Qrels, metrics: list[str], *,
     return (means, per_query) if return_per_query else means
 
 
+def recall_curve(run: Run, qrels: Qrels, max_k: int) -> np.ndarray:
+    """Mean Recall@k for k = 1..max_k (the recall@k plot): trec_eval's recall at every cut-off, one call,
+    so the curve is the table's Recall@k at every k by construction."""
+    per_query = per_query_scores(run, qrels, [f"recall@{k}" for k in range(1, max_k + 1)])
+    if not per_query["recall@1"]:
+        return np.zeros(max_k)
+    return np.array([np.mean(list(per_query[f"recall@{k}"].values())) for k in range(1, max_k + 1)])
+
+
 def paired_test(control: dict[str, float], treatment: dict[str, float], *,
                 method: SignificanceTest = "randomization", num_permutations: int = 10_000,
                 seed: int = 0) -> float:
     """Two-sided p-value that two systems' per-query scores have the same mean (paired over queries).
 
     ``randomization``: Fisher's randomisation test (Smucker et al., CIKM 2007). Under H0 the two systems'
-    labels are exchangeable per query, i.e. each difference d_q = treatment_q - control_q is equally likely
-    to carry either sign; p = (1 + #{|mean(s * d)| >= |mean(d)|}) / (1 + num_permutations) over random sign
-    vectors s (the +1 counts the observed assignment, so p is never 0). Identical runs give p = 1.
-    ``t-test``: scipy's paired Student t-test; p = 1 when every difference is 0 (t is 0/0 there).
+    labels are exchangeable within each query, i.e. each difference d_q = treatment_q - control_q is equally
+    likely to carry either sign. scipy.stats.permutation_test(permutation_type="samples") draws those sign
+    flips (all 2^Q of them when 2^Q <= num_permutations: an exact test) and compares mean(d) with its null
+    distribution; two-sided p = 2 min(P(T <= t), P(T >= t)), which for this symmetric null is
+    P(|T| >= |t|). A random test counts the observed assignment (+1 / +1), so p is never 0.
+    ``t-test``: scipy's paired Student t-test.
+    Identical per-query scores give p = 1 for both (t is 0/0 there).
     """
+    from scipy import stats
+
     qids = sorted(control)
     if set(qids) != set(treatment):
         raise ValueError("paired test needs scores for the same queries in both runs")
-    if not qids:
-        return 1.0
-    d = np.array([treatment[q] - control[q] for q in qids], dtype=np.float64)
-    if not np.any(np.abs(d) > 1e-12):
+    x = np.array([treatment[q] for q in qids], dtype=np.float64)
+    y = np.array([control[q] for q in qids], dtype=np.float64)
+    if not np.any(np.abs(x - y) > 1e-12):
         return 1.0
     if method == "t-test":
-        from scipy.stats import ttest_rel
+        p = float(stats.ttest_rel(x, y).pvalue)
+        return 1.0 if np.isnan(p) else p  # one query: no variance estimate
 
-        p = float(ttest_rel([treatment[q] for q in qids], [control[q] for q in qids]).pvalue)
-        return 1.0 if math.isnan(p) else p
-    rng = np.random.default_rng(seed)
-    observed = abs(d.mean())
-    count, done, chunk = 0, 0, 2_000
-    while done < num_permutations:  # chunks keep memory at chunk x Q
-        n = min(chunk, num_permutations - done)
-        signs = rng.integers(0, 2, size=(n, len(d)), dtype=np.int8) * 2 - 1
-        # A tiny tolerance so that float round-off in the mean does not decide ">=" for exact ties.
-        count += int(np.sum(np.abs(signs @ d) / len(d) >= observed - 1e-12))
-        done += n
-    return (1 + count) / (1 + num_permutations)
+    def mean_difference(a, b, axis):  # vectorized: a, b are (..., Q) batches of re-signed pairs
+        return np.mean(a - b, axis=axis)
 
-
-def recall_curve(run: Run, qrels: Qrels, max_k: int) -> np.ndarray:
-    """Mean Recall@k for k = 1..max_k (the recall@k plot), same query set and ranking as evaluate_run."""
-    curves = []
-    for qid, grades in qrels.items():
-        relevant = {d for d, g in grades.items() if g >= 1}
-        if not relevant:
-            continue
-        ranked = rank_documents(run.get(qid, {}), max_k)
-        hits = np.array([d in relevant for d in ranked] + [False] * (max_k - len(ranked)), dtype=np.float64)
-        curves.append(np.cumsum(hits) / len(relevant))
-    return np.mean(curves, axis=0) if curves else np.zeros(max_k)
+    result = stats.permutation_test((x, y), mean_difference, permutation_type="samples", vectorized=True,
+                                    n_resamples=num_permutations, batch=2_000, alternative="two-sided",
+                                    rng=np.random.default_rng(seed))
+    return float(result.pvalue)
