@@ -10,8 +10,9 @@ TREC run file (``*.trec`` / ``*.run``: a precomputed run such as BM25, evaluated
 
 Outputs in ``output_dir`` (each written atomically): results.json (means, per-query values, p-values,
 config, versions, wall time), results.md (the table), runs/<name>.trec (first stage; <name>.rerank.trec
-for the two-stage list), recall_at_k.png, <name>.training.png for run folders. Metric conventions
-(trec_eval's, cross-checked against pytrec_eval and ranx) are documented in rag_capg/metrics.py.
+for the two-stage list), recall_at_k.png, <name>.training.png for run folders. Metrics are trec_eval's,
+computed through pytrec_eval; the conventions are documented in rag_capg/metrics.py. TREC I/O lives in
+rag_capg/trec.py, the figures in rag_capg/eval_plots.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from tqdm.auto import tqdm
 from rag_capg import metrics as M
 from rag_capg.config_parsing import parse_config
 from rag_capg.errors import InputError
-from rag_capg.io import atomic_path, write_json, write_text
+from rag_capg.eval_plots import plot_recall_curves, plot_training_curves
+from rag_capg.io import write_json, write_text
+from rag_capg.trec import is_trec_file, read_trec_run, trec_lines
+
+__all__ = ["EvalConfig", "evaluate", "main", "read_trec_run"]
 
 LSRChoice = Literal["none", "label_oracle", "cross_encoder", "llm_judge", "bi_encoder", "callable"]
 
@@ -112,10 +117,6 @@ def is_run_folder(path: Path) -> bool:
         (path / f).is_file() for f in ("metrics.jsonl", "run_summary.json", "config.yaml"))
 
 
-def is_trec_file(spec: str) -> bool:
-    return spec.endswith((".trec", ".run")) or (spec.endswith(".txt") and Path(spec).is_file())
-
-
 def display_name(spec: str) -> str:
     p = Path(spec.rstrip("/"))
     name = p.stem if is_trec_file(spec) else (p.name if p.exists() else spec)
@@ -124,38 +125,6 @@ def display_name(spec: str) -> str:
 
 def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-
-
-def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
-    """Parse "qid Q0 docid rank score tag" lines (whitespace separated) into {qid: {docid: score}}."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("run file not found", file=path)
-    run: dict[str, dict[str, float]] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 6:
-            raise InputError(f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}", file=path,
-                             line=line_no)
-        try:
-            score = float(parts[4])
-        except ValueError:
-            raise InputError(f"score {parts[4]!r} is not a number", file=path, line=line_no, field="score") from None
-        run.setdefault(parts[0], {})[parts[2]] = score
-    if not run:
-        raise InputError("empty run file", file=path)
-    return run
-
-
-def trec_lines(run: dict[str, dict[str, float]], tag: str) -> str:
-    """TREC run format, ranks in trec_eval order (score desc, doc id desc) so rank and score agree."""
-    out = []
-    for qid, docs in run.items():
-        for rank, doc in enumerate(M.rank_documents(docs), 1):
-            out.append(f"{qid} Q0 {doc} {rank} {docs[doc]:.6f} {tag}")
-    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- retrieval
@@ -215,72 +184,6 @@ def model_similarity(model, config: EvalConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def plot_recall_curves(curves: dict[str, list[float]], target: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("k (log scale)")
-    ax.set_ylabel("mean Recall@k")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-
-
-def plot_training_curves(run_dir: Path, target: Path) -> bool:
-    """One panel per numeric series of metrics.jsonl (train) and eval.jsonl (eval), against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, tuple[list, list]] = {}
-    for fname, prefix in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
-        path = run_dir / fname
-        if not path.is_file():
-            continue
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"not JSON: {err.msg}", file=path, line=line_no) from None
-            if not isinstance(row, dict) or "step" not in row:
-                raise InputError("a row needs a 'step'", file=path, line=line_no, field="step")
-            for key, v in row.items():
-                if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    xs, ys = series.setdefault(f"{prefix} {key}", ([], []))
-                    xs.append(row["step"])
-                    ys.append(v)
-    if not series:
-        return False
-    cols = min(4, len(series))
-    rows = (len(series) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (key, (xs, ys)) in zip(axes.flat, series.items()):
-        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(series):]:
-        ax.axis("off")
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return True
-
-
 def markdown_table(results: list[dict], config: EvalConfig) -> str:
     cols = [("first_stage", m) for m in first_stage_metrics(config.k)]
     if config.lsr != "none":
@@ -306,7 +209,8 @@ def markdown_table(results: list[dict], config: EvalConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------- main
-def evaluate(config: EvalConfig) -> dict:
+def evaluate(config: EvalConfig, command: str | None = None) -> dict:
+    """Run the comparison and write the outputs; ``command`` is recorded in results.json (default: sys.argv)."""
     from rag_capg.data import load_corpus, load_queries
 
     if not config.models:
@@ -391,7 +295,8 @@ def evaluate(config: EvalConfig) -> dict:
     import transformers
 
     report = {
-        "command": "rag-capg eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
+        "command": command or "rag-capg eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"]
+                                                          else sys.argv[1:]),
         "config": asdict(config),
         "dataset": {"corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint, "passages": len(corpus),
                     "split": config.split, "queries": len(queries)},
@@ -411,7 +316,7 @@ def evaluate(config: EvalConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(EvalConfig, argv, prog="rag-capg eval", description=__doc__)
-    report = evaluate(config)
+    report = evaluate(config, None if argv is None else "rag-capg eval " + " ".join(argv))
     print((Path(config.output_dir) / "results.md").read_text(encoding="utf-8"))
     print(f"wrote {config.output_dir}/results.json, results.md, runs/*.trec, recall_at_k.png "
           f"({report['wall_time_s']:.1f} s)")
