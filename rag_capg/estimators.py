@@ -59,19 +59,28 @@ def _validate(estimator: str, logits: torch.Tensor, lists: torch.Tensor, picks: 
     if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != tuple(picks.shape):
         raise ValueError(f"rewards must have the shape of picks {tuple(picks.shape)} (one reward per picked "
                          f"item), got {tuple(getattr(rewards, 'shape', ()))}")
-    if not bool(torch.isfinite(rewards).all()):
+    # The value checks below cost one host-device sync in all (one .tolist() of three flags), not one per
+    # check: on CPU they are ~0.1% of a synthetic-benchmark step, on a GPU a sync each would stall the queue.
+    # Every pick must come from its row's list (the LSR only sees the candidates); credit-assigned
+    # estimators need r >= 0 (see the module docstring).
+    no = torch.zeros((), dtype=torch.bool, device=rewards.device)
+    has_values = picks.numel() > 0
+    flags = torch.stack((
+        ~torch.isfinite(rewards).all() if has_values else no,
+        ~(picks[:, :, None] == lists[:, None, :]).any(dim=2).all() if has_values else no,
+        rewards.min() < 0 if has_values and estimator in _CREDIT_ASSIGNED else no,
+    )).tolist()
+    if flags[0]:
         raise ValueError(f"rewards for estimator {estimator!r} contain NaN or infinite values")
-    # every pick must come from its row's list (the LSR only sees the candidates)
-    if picks.numel() and not bool((picks[:, :, None] == lists[:, None, :]).any(dim=2).all()):
+    if flags[1]:
         raise ValueError("picks must be corpus indices taken from the same row of lists "
                          "(the LSR picks among the sampled candidates)")
-    if estimator in _CREDIT_ASSIGNED and rewards.numel():
+    if flags[2]:
         low = float(rewards.min())
-        if low < 0:
-            raise ValueError(
-                f"estimator {estimator!r} (credit-assigned) needs rewards >= 0, got a minimum reward of "
-                f"{low:.6g}: map scores to non-negative rewards (reward mapping 'clip' or 'sigmoid') or "
-                f"shift them with a baseline that keeps them >= 0 (group_baseline_rewards)")
+        raise ValueError(
+            f"estimator {estimator!r} (credit-assigned) needs rewards >= 0, got a minimum reward of "
+            f"{low:.6g}: map scores to non-negative rewards (reward mapping 'clip' or 'sigmoid') or "
+            f"shift them with a baseline that keeps them >= 0 (group_baseline_rewards)")
 
 
 def surrogate_loss(estimator: Estimator, logits: torch.Tensor, lists: torch.Tensor, picks: torch.Tensor,

@@ -28,8 +28,12 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
    c < 1 (the K heaviest others have all arrived), so c v^(c-1) G(v) stays bounded and smooth enough for
    Gauss-Legendre (error ~1e-4 with 32 nodes across ranks in our checks). The integral is invariant to
    w_ref, so w_ref is taken without gradient. The Poisson-binomial CDF truncated at K-1 is the O(N K)
-   dynamic programme over the others (state: Prob[count = 0..K-1]), vectorised over batch x picks x
-   nodes; the only Python loop is over items.
+   dynamic programme over the others (state: Prob[count = 0..K-1]) for every (row, pick, node) at once,
+   in ``rag_capg.poisson_binomial``: a fused numba kernel on CPU that also returns the gradient (the
+   adjoint of the DP), the plain torch recurrence under autograd elsewhere.
+   (Caveat, measured: for a pick with P ~ 1, the quadrature's derivative w.r.t. c is
+   1 + sum_n w_n log v_n ~ 6e-4 at 32 nodes instead of 0; the clamp to [0, 1] hides it only when
+   round-off puts the sum at >= 1.)
 
    ``top_m``: keep the m heaviest others exactly and replace the rest by one Poisson term (Le Cam). Its
    rate is lambda(v) = sum_{tail} p_j(v), p_j(v) = 1 - v^(w_j/w_ref) (``tail="exact"``), or the linear
@@ -39,7 +43,8 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
    sum_{tail} (p_j - lambda_j)  <= sum_{tail} (w_j log v / w_ref)^2 / 2. Since m >= K every tail weight is
    <= w_ref, and in practice (tail weights << w_ref) the error is far below Monte-Carlo noise.
 
-Everything is computed in float64 from the (upcast) logits and is differentiable by autograd.
+Everything is computed in float64 from the (upcast) logits and is differentiable by autograd. Top-k
+selections go through ``rag_capg.top_k.top_k_indices`` (``torch.topk``'s result, faster on CPU).
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from rag_capg.poisson_binomial import race_truncated_cdf, truncated_cdf
 from rag_capg.policy import _check_index, _check_logits, _logsumexp_excluding, _upcast
+from rag_capg.top_k import top_k_indices
 
 __all__ = ["inclusion_prob_approx", "inclusion_prob_exact", "log_inclusion_prob"]
 
@@ -81,15 +88,14 @@ def _log_one_minus_approx(logits: torch.Tensor, items: torch.Tensor, k: int) -> 
     """
     s = _upcast(logits)
     with torch.no_grad():
-        top = torch.topk(s.detach(), k, dim=1, sorted=True).indices  # (B, K), best first
-    s_top = s.gather(1, top)
-    s_a = s.gather(1, items)
+        top = top_k_indices(s, k)  # (B, K), best first
+    # one gather for the top-K and the picks (one scatter in backward), one exp for all the weights
+    gathered = s.gather(1, torch.cat((top, items), dim=1))  # (B, K + L)
     log_tail = _logsumexp_excluding(s, top)  # mass outside the top-K, no cancellation
     # weights relative to the row maximum, in float64: ratios are all that matter
-    ref = s_top[:, :1].detach()
-    u_top = torch.exp((s_top - ref).double())  # (B, K)
-    u_a = torch.exp((s_a - ref).double())  # (B, L)
-    u_tail = torch.exp((log_tail[:, None] - ref).double())  # (B, 1)
+    ref = gathered[:, :1].detach()
+    u = torch.exp((torch.cat((gathered, log_tail[:, None]), dim=1) - ref).double())
+    u_top, u_a, u_tail = u.split((k, items.shape[1], 1), dim=1)  # (B, K), (B, L), (B, 1)
     is_a = top[:, None, :] == items[:, :, None]  # (B, L, K)
     in_top = is_a.any(dim=2)
     e = torch.where(is_a, 0.0, u_top[:, None, :])
@@ -122,17 +128,25 @@ def _poisson_pmf_truncated(rate: torch.Tensor, k: int) -> torch.Tensor:
     return torch.exp(c * torch.log(rate) - rate - torch.lgamma(c + 1.0))
 
 
+def _poisson_pmf_columns(rate: torch.Tensor, k: int) -> torch.Tensor:
+    """``_poisson_pmf_truncated`` of the flattened rates with the count first, (K, rate.numel()): the
+    layout the Poisson-binomial DP reads, so no transposed copy is needed."""
+    c = torch.arange(k, dtype=rate.dtype, device=rate.device)[:, None]
+    rate = rate.reshape(1, -1).clamp_min(_TINY)
+    return torch.exp(c * torch.log(rate) - rate - torch.lgamma(c + 1.0))
+
+
 def _truncated_cdf(state: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Run the Poisson-binomial DP over items and return Prob[count <= K-1].
+    """Prob[count <= K-1] of the Poisson-binomial DP (``rag_capg.poisson_binomial``) in this module's layout.
 
     state: (..., K) initial distribution of the count over 0..K-1 (one-hot at 0, or a Poisson tail);
-    probs: (M, ...) success probability of each item. Each item moves mass c -> c+1 with probability p:
-    new[c] = (1 - p) old[c] + p old[c-1]; mass pushed past K-1 is dropped (we only need the CDF at K-1).
+    probs: (M, ...) success probability of each item. Each item moves mass c -> c+1 with probability p;
+    mass pushed past K-1 is dropped (we only need the CDF at K-1). ``inclusion_prob_exact`` itself calls
+    ``race_truncated_cdf`` with log(1 - p_j(v)) = r_j log v, exact even where p rounds to 1.
     """
-    for p in probs:
-        shifted = torch.nn.functional.pad(state[..., :-1], (1, 0))
-        state = torch.lerp(state, shifted, p[..., None])
-    return state.sum(dim=-1)
+    flat_state = state.reshape(-1, state.shape[-1]).T  # (K, X)
+    log_q = torch.log1p(-probs).reshape(probs.shape[0], -1)
+    return truncated_cdf(log_q, flat_state).reshape(state.shape[:-1])
 
 
 def _binned_tail_rate(s: torch.Tensor, top: torch.Tensor, s_ref: torch.Tensor, log_v: torch.Tensor,
@@ -148,17 +162,41 @@ def _binned_tail_rate(s: torch.Tensor, top: torch.Tensor, s_ref: torch.Tensor, l
     B, N = s.shape
     with torch.no_grad():
         s_bound = s.gather(1, top[:, -1:])  # the lightest kept logit: tail logits are <= it
-        idx = ((s_bound - s) / width).floor().clamp(0, num_bins - 1).long()
-        idx = idx.masked_fill(~torch.isfinite(s), num_bins)  # weightless items stay out of the counts
-        idx = idx.scatter(1, top, num_bins)  # the top-(m+1) go to a discarded bin
-        counts = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add_(
-            1, idx, torch.ones_like(s))[:, :num_bins]
+        pos = (s_bound - s).div_(width).floor_().clamp_(0, num_bins - 1)  # (B, N) bin of each item
+        pos.masked_fill_(~(s > float("-inf")), num_bins)  # weightless (-inf) and NaN items stay out
+        idx = pos.long().scatter_(1, top, num_bins)  # the top-(m+1) go to a discarded bin
+        ones = torch.ones(1, 1, dtype=s.dtype, device=s.device).expand(B, N)
+        counts = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add_(1, idx, ones)[:, :num_bins]
     u = torch.exp(s - s_bound.detach())  # <= 1 on the tail
     w_bins = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add(1, idx, u)[:, :num_bins]
     # (B, 1, bins) * (B, L, 1): each row's bins scaled by that row's picks (not (1, B, bins), which would
     # broadcast row l's bins onto pick l of every row)
     mean_r = (w_bins / counts.clamp_min(1.0))[:, None, :] * torch.exp(s_bound.detach() - s_ref)[..., None]
-    return (counts[:, None, :, None] * -torch.expm1(mean_r[..., None] * log_v)).sum(dim=2)  # (B, L, n)
+    return _BinRate.apply(mean_r, counts, log_v)  # (B, L, n)
+
+
+class _BinRate(torch.autograd.Function):
+    """rate[b, l, n] = sum_k counts[b, k] (1 - v_n^(r[b, l, k])), with d rate / d r = -counts v^r log v.
+
+    Autograd through mul / expm1 / neg / mul / sum would make ~10 passes over the (B, L, bins, nodes)
+    tensor; here the forward is one expm1 and one contraction, and the backward reuses expm1 (v^r = e + 1)
+    in one more contraction. Same arithmetic as the plain expression, to round-off.
+    """
+
+    @staticmethod
+    def forward(ctx, mean_r: torch.Tensor, counts: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
+        e = torch.expm1(mean_r[..., None] * log_v)  # v^r - 1, (B, L, bins, n)
+        ctx.save_for_backward(e, counts, log_v)
+        return -torch.einsum("bk,blkn->bln", counts, e)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rate: torch.Tensor):
+        e, counts, log_v = ctx.saved_tensors
+        g = grad_rate * log_v  # (B, L, n)
+        # sum_n g (e + 1) without forming e + 1
+        s = torch.einsum("blkn,bln->blk", e, g) + g.sum(dim=-1, keepdim=True)
+        return -counts[:, None, :] * s, None, None
 
 
 def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, num_nodes: int = 32,
@@ -185,7 +223,7 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
         raise ValueError(f"top_m must be >= k (the K heaviest others set the scale), got top_m={top_m}, k={k}")
 
     with torch.no_grad():
-        top = torch.topk(s.detach(), m + 1, dim=1, sorted=True).indices  # (B, m+1)
+        top = top_k_indices(s, m + 1)  # (B, m+1), best first
         is_a = top[:, None, :] == items[:, :, None]  # (B, L, m+1)
         in_top = is_a.any(dim=2)
         # the m heaviest others: the top-(m+1) without a, or without its last item when a is not in it
@@ -198,8 +236,6 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
     s_ref = torch.maximum(s_a, s_keep[..., k - 1]).detach()
     c = torch.exp(s_a - s_ref)  # (B, L), <= 1
     r_keep = torch.exp(s_keep - s_ref[..., None])  # (B, L, m)
-    # success probabilities p_j(v) = 1 - v^(r_j) of the kept others at every node: (m, B, L, n)
-    p_keep = -torch.expm1(r_keep.permute(2, 0, 1)[..., None] * log_v)
 
     if use_tail:
         dropped = top[:, m]  # (B,): the (m+1)-th item, in the tail for picks outside the top-(m+1)
@@ -223,12 +259,13 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
             rate = rate + torch.where(out[..., None], -torch.expm1(r_dropped[..., None] * log_v)
                                       + torch.expm1(c[..., None] * log_v), 0.0)
             rate = rate.clamp_min(0.0)
-        state = _poisson_pmf_truncated(rate, k)  # (B, L, n, K)
+        state = _poisson_pmf_columns(rate, k)  # (K, B*L*n): count first, columns ordered (b, l, node)
     else:
-        state = torch.zeros(*s_a.shape, num_nodes, k, dtype=s.dtype, device=s.device)
-        state[..., 0] = 1.0
+        state = torch.zeros(k, B * s_a.shape[1] * num_nodes, dtype=s.dtype, device=s.device)
+        state[0] = 1.0
 
-    cdf = _truncated_cdf(state, p_keep)  # (B, L, n): G(v) at every node
+    # G(v) at every node: the DP over the kept others, whose failure probabilities are 1 - p_j(v) = v^(r_j)
+    cdf = race_truncated_cdf(r_keep.reshape(-1, m).T, log_v, state).reshape(*s_a.shape, num_nodes)
     # Jacobian of q = v^c: dq = c v^(c-1) dv
     jacobian = torch.exp(torch.log(c)[..., None] + (c[..., None] - 1.0) * log_v)
     return ((weights * jacobian * cdf).sum(dim=-1)).clamp(0.0, 1.0)
