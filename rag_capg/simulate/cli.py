@@ -71,6 +71,9 @@ class SimulateConfig:
                                                                     "the top-M items, Poisson tail beyond "
                                                                     "(none = the DP over all items)"})
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where the ESR and env live"})
+    num_threads: int = field(default=1, metadata={"help": "torch intra-op CPU threads (0 = torch's default). "
+                                                          "The model is tiny, so 1 is fastest, and on a busy "
+                                                          "machine more threads can be 20x slower"})
     progress: bool = field(default=True, metadata={"help": "show tqdm progress bars"})
 
     def __post_init__(self):
@@ -92,6 +95,8 @@ class SimulateConfig:
                                  f"({self.num_items})", field="candidate_sizes")
         if not self.candidate_sizes:
             raise InputError("give at least one candidate size", field="candidate_sizes")
+        if self.num_threads < 0:
+            raise InputError(f"must be >= 0, got {self.num_threads}", field="num_threads")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise InputError("CUDA is not available on this machine", field="device")
 
@@ -139,6 +144,8 @@ def format_table(rows: list[dict]) -> str:
 
 def simulate(cfg: SimulateConfig) -> tuple[list[RunResult], dict[int, float], list[dict]]:
     """Run every (estimator, K, seed) of ``cfg``; write values.csv, curves.png and summary.json."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     env = make_env(num_users=cfg.num_users, num_items=cfg.num_items, feature_dim=cfg.feature_dim,
                    num_latents=cfg.num_latents, reward_scale=cfg.reward_scale, seed=cfg.env_seed).to(cfg.device)
     g = torch.Generator(device=cfg.device).manual_seed(cfg.env_seed)

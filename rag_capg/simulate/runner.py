@@ -83,6 +83,35 @@ def _all_finite(tensors) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def train_step(esr: TwoTowerESR, opt: torch.optim.Optimizer, env: SyntheticEnv, *, estimator: str, k: int,
+               num_picks: int, lsr: LSRKind, temperature: float, batch_size: int, generator: torch.Generator,
+               exact_nodes: int = 32, exact_top_m: int | None = 64) -> str | None:
+    """One training step: sample contexts, ESR logits, Gumbel top-K lists, LSR picks, rewards, surrogate
+    loss, backward, Adagrad update. Returns None, or why the step went non-finite (nothing is updated then,
+    except when the parameters themselves came out non-finite)."""
+    users = env.sample_users(batch_size, generator)
+    logits = esr(users)
+    lists = sample_plackett_luce(logits.detach(), k, generator=generator)
+    pos = env.lsr_pick(users, lists, num_picks, kind=lsr, temperature=temperature, generator=generator)
+    picks = lists.gather(1, pos)
+    rewards = env.observe(users, picks, generator)
+    try:
+        loss = surrogate_loss(estimator, logits, lists, picks, rewards, exact_nodes=exact_nodes,
+                              exact_top_m=exact_top_m)
+        if not torch.isfinite(loss):
+            return "non-finite loss"
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not _all_finite(p.grad for p in esr.parameters()):
+            return "non-finite gradient"
+        opt.step()
+        if not _all_finite(esr.parameters()):
+            return "non-finite parameters"
+    except (FloatingPointError, OverflowError) as err:  # an overflow raised rather than returned
+        return f"numerical error: {err}"
+    return None
+
+
 def run(env: SyntheticEnv, *, estimator: str, k: int, num_picks: int = 1, lsr: LSRKind = "optimal",
         temperature: float = 1.0, steps: int = 10_000, eval_every: int = 1000, eval_contexts: int = 10_000,
         batch_size: int = 128, lr: float | None = None, embed_dim: int = 10, init_std: float = 1.0,
@@ -111,29 +140,9 @@ def run(env: SyntheticEnv, *, estimator: str, k: int, num_picks: int = 1, lsr: L
     record(0)
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        users = env.sample_users(batch_size, train_g)
-        logits = esr(users)
-        lists = sample_plackett_luce(logits.detach(), k, generator=train_g)
-        pos = env.lsr_pick(users, lists, num_picks, kind=lsr, temperature=temperature, generator=train_g)
-        picks = lists.gather(1, pos)
-        rewards = env.observe(users, picks, train_g)
-        reason = None
-        try:
-            loss = surrogate_loss(estimator, logits, lists, picks, rewards, exact_nodes=exact_nodes,
-                                  exact_top_m=exact_top_m)
-            if not torch.isfinite(loss):
-                reason = "non-finite loss"
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if not _all_finite(p.grad for p in esr.parameters()):
-                    reason = "non-finite gradient"
-                else:
-                    opt.step()
-                    if not _all_finite(esr.parameters()):
-                        reason = "non-finite parameters"
-        except (FloatingPointError, OverflowError) as err:  # an overflow raised rather than returned
-            reason = f"numerical error: {err}"
+        reason = train_step(esr, opt, env, estimator=estimator, k=k, num_picks=num_picks, lsr=lsr,
+                            temperature=temperature, batch_size=batch_size, generator=train_g,
+                            exact_nodes=exact_nodes, exact_top_m=exact_top_m)
         result.train_seconds += time.perf_counter() - t0
         if reason is not None:
             result.stopped_at, result.stop_reason = step, reason
