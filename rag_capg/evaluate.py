@@ -69,6 +69,9 @@ class EvalConfig:
     lsr_model: str | None = field(default=None, metadata={"help": (
         "cross_encoder / llm_judge / bi_encoder: Hub id or local path (or package:NAME)")})
     lsr_prompt: str | None = field(default=None, metadata={"help": "llm_judge: prompt with {query}, {passage}"})
+    lsr_chat_template: bool = field(default=False, metadata={"help": "llm_judge: wrap the prompt in the chat template"})
+    lsr_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": (
+        "llm_judge: weight dtype; auto = bfloat16 on a GPU, float32 on a CPU")})
     lsr_callable: str | None = field(default=None, metadata={"help": "callable: module:function judge"})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
     lsr_on_error: Literal["error", "skip_query"] = field(default="error", metadata={"help": (

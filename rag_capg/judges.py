@@ -108,7 +108,7 @@ class LLMJudge:
         self.yes_ids, self.no_ids = self._single_token_ids(yes_tokens), self._single_token_ids(no_tokens)
         if set(self.yes_ids) & set(self.no_ids):
             raise ValueError("LLMJudge: yes and no tokens overlap")
-        spec = json.dumps([prompt_template, use_chat_template, max_length, self.yes_ids, self.no_ids])
+        spec = json.dumps([prompt_template, use_chat_template, max_length, self.yes_ids, self.no_ids, str(dtype)])
         self.identity = f"LLMJudge:{name}:{_sha(spec)}"
 
     def _single_token_ids(self, variants: tuple[str, ...]) -> list[int]:

@@ -63,6 +63,11 @@ class TrainConfig:
         "llm_judge: prompt template with {query} and {passage}; the score is P(yes) / (P(yes) + P(no))")})
     lsr_callable: str | None = field(default=None, metadata={"help": (
         "callable: 'module:function' taking (query_ids, queries, passage_ids, passages) -> scores (B, K)")})
+    lsr_chat_template: bool = field(default=False, metadata={"help": (
+        "llm_judge: wrap the prompt in the tokenizer's chat template as one user turn (instruction-tuned LLMs)")})
+    lsr_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": (
+        "llm_judge: weight dtype; auto = bfloat16 on a GPU, float32 on a CPU (the yes/no logits are read in "
+        "float32 either way)")})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
     lsr_on_error: Literal["error", "skip_query"] = field(default="error", metadata={"help": (
         "a judge that raises or returns NaN: stop with an error, or drop that query from the step (counted)")})

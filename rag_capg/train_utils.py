@@ -62,8 +62,10 @@ def build_judge(config, train_queries, accelerator):
                                          device=device)
     elif kind == "llm_judge":
         extra = {"prompt_template": config.lsr_prompt} if config.lsr_prompt else {}
+        dtype = {"auto": torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.lsr_dtype]
         judge = judges.LLMJudge(resolve_model(config.lsr_model), batch_size=config.lsr_batch_size, device=device,
-                                **extra)
+                                use_chat_template=config.lsr_chat_template, dtype=dtype, **extra)
     elif kind == "bi_encoder":
         judge = judges.BiEncoderTeacher(resolve_model(config.lsr_model), batch_size=config.lsr_batch_size,
                                         device=device)

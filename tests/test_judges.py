@@ -58,6 +58,30 @@ def test_llm_judge_manual_and_batch_invariant(tiny_causal_lm_path):
     assert short.identity != judge.identity
 
 
+def test_llm_judge_chat_template_and_dtype(tiny_causal_lm_path, tmp_path):
+    """A chat template wraps the prompt as one user turn (the text the model reads changes, so do the scores);
+    bfloat16 weights give scores close to float32 ones under their own cache identity."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat_lm"
+    shutil.copytree(tiny_causal_lm_path, chat_dir)
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    tok.chat_template = "{% for m in messages %}<user> {{ m['content'] }} <assistant>{% endfor %}"
+    tok.save_pretrained(chat_dir)
+    plain = judges.LLMJudge(chat_dir)
+    chat = judges.LLMJudge(chat_dir, use_chat_template=True)
+    assert chat.prompt("q", "p") == "<user> " + plain.prompt("q", "p") + " <assistant>"
+    assert chat.identity != plain.identity
+    assert not torch.allclose(chat.score(QIDS, QUERIES, PIDS, PASSAGES), plain.score(QIDS, QUERIES, PIDS, PASSAGES))
+    half = judges.LLMJudge(tiny_causal_lm_path, dtype=torch.bfloat16)
+    full = judges.LLMJudge(tiny_causal_lm_path, dtype=torch.float32)
+    assert half.model.dtype == torch.bfloat16 and half.identity != full.identity
+    assert torch.allclose(half.score(QIDS, QUERIES, PIDS, PASSAGES), full.score(QIDS, QUERIES, PIDS, PASSAGES),
+                          atol=0.05)
+
+
 def test_label_oracle_grades():
     oracle = judges.LabelOracle({"q1": {"a": 2, "c": 1}, "q2": {}})
     assert torch.equal(oracle.score(QIDS, QUERIES, PIDS, PASSAGES), torch.tensor([[2.0, 0, 1], [0, 0, 0]]))
