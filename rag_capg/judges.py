@@ -170,7 +170,9 @@ class LabelOracle:
 
 class BiEncoderTeacher:
     """A (larger) sentence-transformers model as the judge: cosine(encode_query(q), encode_document(p)).
-    Passage embeddings are kept in memory by passage id (a teacher sees the same passages again)."""
+    Passage embeddings are kept in memory by passage id and query embeddings by query text: a teacher sees
+    the same passages and queries again, and ScoreCache sends its misses as one row per (query, passage)
+    pair, so one query can fill K rows of a call (it is encoded once, not K times)."""
 
     def __init__(self, model_or_path, *, batch_size: int = 32, device: str | None = None):
         from rag_capg.retriever import load_bi_encoder, model_fingerprint
@@ -180,6 +182,7 @@ class BiEncoderTeacher:
         self.batch_size = batch_size
         self.identity = f"BiEncoderTeacher:{model_fingerprint(self.model, route='all')}"
         self._doc: dict[str, torch.Tensor] = {}
+        self._query: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def score(self, query_ids, queries, passage_ids, passages) -> torch.Tensor:
@@ -189,8 +192,12 @@ class BiEncoderTeacher:
             emb = self.model.encode_document(list(new.values()), batch_size=self.batch_size, convert_to_tensor=True,
                                              normalize_embeddings=True, show_progress_bar=False).float().cpu()
             self._doc.update(zip(new.keys(), emb))
-        q = self.model.encode_query(list(queries), batch_size=self.batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=True, show_progress_bar=False).float().cpu()
+        new_q = list(dict.fromkeys(text for text in queries if text not in self._query))
+        if new_q:
+            emb = self.model.encode_query(new_q, batch_size=self.batch_size, convert_to_tensor=True,
+                                          normalize_embeddings=True, show_progress_bar=False).float().cpu()
+            self._query.update(zip(new_q, emb))
+        q = torch.stack([self._query[text] for text in queries])
         d = torch.stack([torch.stack([self._doc[p] for p in ids]) for ids in passage_ids])
         return torch.einsum("bd,bkd->bk", q, d)
 

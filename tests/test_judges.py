@@ -103,6 +103,22 @@ def test_bi_encoder_teacher_is_cosine(tiny_bi_encoder_path):
     assert teacher.identity == judges.BiEncoderTeacher(st).identity  # path or object: same content
 
 
+def test_bi_encoder_teacher_encodes_each_query_once(tiny_bi_encoder_path):
+    # ScoreCache sends misses as one (query, passage) row each: K rows of one query must not cost K encodes.
+    teacher = judges.BiEncoderTeacher(tiny_bi_encoder_path)
+    encoded = []
+    encode_query = teacher.model.encode_query
+    teacher.model.encode_query = lambda texts, **kw: encoded.extend(texts) or encode_query(texts, **kw)
+    rows = [(i, j) for i in range(2) for j in range(3)]
+    got = teacher.score([QIDS[i] for i, _ in rows], [QUERIES[i] for i, _ in rows], [[PIDS[i][j]] for i, j in rows],
+                        [[PASSAGES[i][j]] for i, j in rows])
+    assert sorted(encoded) == sorted(QUERIES)
+    assert torch.allclose(got.reshape(2, 3), judges.BiEncoderTeacher(tiny_bi_encoder_path).score(
+        QIDS, QUERIES, PIDS, PASSAGES), atol=1e-6)
+    teacher.score(QIDS, QUERIES, PIDS, PASSAGES)
+    assert sorted(encoded) == sorted(QUERIES)  # seen before: no new encode
+
+
 class Counting:
     def __init__(self, identity="count", fail=None):
         self.identity, self.calls, self.fail = identity, [], fail or (lambda qids: None)
