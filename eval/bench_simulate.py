@@ -10,7 +10,8 @@ process claims a job before running it (OUT/runs/<job>.claim) and skips finished
 several processes can share the job list and a restart resumes where it stopped. ``--combine`` writes
 
     OUT/values.csv   estimator,K,seed,step,policy_value
-    OUT/table.md     steps to 95% of the oracle, final value, runs stopped by non-finite updates, ms/step
+    OUT/table.md     steps to 95% of the oracle, final value, runs stopped by non-finite updates, ms/step;
+                     steps to 70 / 75 / 80 / 85 / 88% of it, the largest fall of a curve between evaluations
     FIGURE (PNG)     one panel per K, one colour per estimator, oracle (dashed), 95% of it (dotted)
 
     nohup nice -n 5 python eval/bench_simulate.py --steps 5:15000 10:15000 20:30000 > a.log &   # two processes
@@ -37,8 +38,8 @@ from rag_capg.estimators import ESTIMATORS
 from rag_capg.io import write_json, write_text
 from rag_capg.simulate.cli import SimulateConfig, format_table, summarise
 from rag_capg.simulate.env import make_env
-from rag_capg.simulate.plots import plot_curves
-from rag_capg.simulate.runner import RunResult, run
+from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves
+from rag_capg.simulate.runner import RunResult, run, steps_to_fraction
 
 ORDER = ["vpg", "vpg_swr", "capg", "capg_exact", "top1"]
 
@@ -103,6 +104,25 @@ def load_results(out: Path, jobs: list[tuple[str, int, int, int]]) -> list[RunRe
     return results
 
 
+def threshold_table(results: list[RunResult], oracle: dict[int, float], fractions=(0.7, 0.75, 0.8, 0.85, 0.88)) -> str:
+    """Steps for the mean curve to reach lower fractions of the oracle (the horizon may stop short of
+    95%), and the largest fall of the curve between two evaluations (instability shows up there)."""
+    head = " | ".join(f"steps to {100 * f:.0f}%" for f in fractions)
+    lines = [f"| estimator | K | {head} | largest drop between evaluations |",
+             "|---|---|" + "---|" * (len(fractions) + 1)]
+    for k in sorted(oracle):
+        for est in dict.fromkeys(r.estimator for r in results):
+            runs = [r for r in results if r.k == k and r.estimator == est]
+            if not runs:
+                continue
+            steps, mean, _, _ = mean_curve(runs)
+            reach = [steps_to_fraction(steps.tolist(), mean.tolist(), f * oracle[k]) for f in fractions]
+            drop = max(0.0, *(a - b for a, b in zip(mean[:-1], mean[1:])))
+            cells = " | ".join("not reached" if s is None else f"{s:,}" for s in reach)
+            lines.append(f"| {LABELS.get(est, est)} | {k} | {cells} | {drop:.3f} |")
+    return "\n".join(lines)
+
+
 def combine(cfg: SimulateConfig, env, out: Path, figure: Path, jobs, title: str) -> str:
     results = load_results(out, jobs)
     g = torch.Generator().manual_seed(cfg.env_seed)
@@ -117,7 +137,7 @@ def combine(cfg: SimulateConfig, env, out: Path, figure: Path, jobs, title: str)
     write_text(out / "values.csv", buf.getvalue())
     plot_curves(results, oracle, figure, title=title)
     rows = summarise(results, oracle)
-    table = format_table(rows)
+    table = format_table(rows) + "\n\n" + threshold_table(results, oracle)
     oracle_line = "oracle value: " + ", ".join(f"K={k}: {v:.3f}" for k, v in oracle.items())
     write_text(out / "table.md", f"{oracle_line}\n\n{table}\n")
     write_json(out / "summary.json", {"oracle": {str(k): v for k, v in oracle.items()}, "table": rows})

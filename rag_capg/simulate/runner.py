@@ -6,11 +6,13 @@ Plackett-Luce candidate list of K items per context from the ESR (Gumbel top-K o
 on the estimator's surrogate loss. Every ``eval_every`` steps the deterministic top-K ESR is evaluated
 on fresh contexts: policy value = mean expected reward of the LSR's picks (see env.py).
 
-V-PG's ordered Plackett-Luce likelihood is numerically fragile once the policy sharpens: the normaliser
-of position k, exp(Z) - sum_{j<k} exp(s_{c_j}), cancels towards 0 and the log-likelihood or its gradient
-becomes non-finite (the paper's V-PG runs "overflow and stop early"). A run therefore checks the loss,
-the gradients and the updated parameters each step; on the first non-finite value it stops and is
-reported as stopped at that step, the way the paper reports it, instead of crashing the benchmark.
+Written the textbook way, V-PG's ordered Plackett-Luce likelihood is numerically fragile once the policy
+sharpens: the normaliser of position k, exp(Z) - sum_{j<k} exp(s_{c_j}), cancels towards 0 (the paper
+reports that its V-PG runs "overflow and stop early"). Ours uses the cancellation-free suffix form (``rag_capg.policy``), and in our
+benchmark runs V-PG never went non-finite (eval/RESULTS.md). A run still checks the loss, the gradients
+and the updated parameters each step; on the first non-finite value (a huge learning rate does it) it
+stops and is reported as stopped at that step, the way the paper reports it, instead of crashing the
+benchmark.
 """
 
 from __future__ import annotations
