@@ -176,7 +176,7 @@ def teacher_groups(queries, corpus, candidates, config: BaselinesConfig, rng: ra
         # rag-capg eval / train already encoded this corpus with the teacher (normalised, as the teacher's
         # cosine needs): seed its per-passage store from that cache instead of encoding the passages again.
         doc_emb = encode_corpus(judge.model, corpus, cache_dir=emb_cache, normalize=True, show_progress=False)
-        judge._doc.update(zip(corpus.ids, doc_emb))
+        judge.add_passage_embeddings(corpus.ids, doc_emb)
     key = hashlib.sha256(judge.identity.encode()).hexdigest()[:16]  # the same file rag-capg train uses
     cache = ScoreCache(judge, Path(config.cache_dir) / "lsr" / f"{key}.sqlite")
     sampled = [(qid, rng.sample(cands, config.group_size)) for qid, cands in zip(queries.ids, candidates)]

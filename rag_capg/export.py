@@ -61,7 +61,7 @@ class ExportConfig:
     force: bool = field(default=False, metadata={"help": "replace a non-empty --out folder"})
     onnx: bool = field(default=False, metadata={"help": (
         "also export each tower to ONNX (onnx/ sub-folders) and check its embeddings against torch; needs "
-        "`pip install rag-capg[onnx]`")})
+        "sentence-transformers' ONNX backend, `pip install 'sentence-transformers[onnx]'`")})
     onnx_atol: float = field(default=1e-4, metadata={"help": "largest allowed |ONNX - torch| embedding gap"})
     base_model: str | None = field(default=None, metadata={"help": (
         "Hub id of the base model for the card's metadata (default: the run's model when it is a Hub id)")})
@@ -310,7 +310,10 @@ def require_onnx() -> None:
         import onnxruntime  # noqa: F401
         import optimum.onnxruntime  # noqa: F401
     except ImportError:
-        raise InputError("--onnx needs optimum and onnxruntime: pip install rag-capg[onnx]", field="onnx") from None
+        raise InputError("--onnx needs sentence-transformers' ONNX backend (optimum-onnx and onnxruntime): "
+                         "pip install 'sentence-transformers[onnx]'. Its optimum-onnx 0.1.0 requires transformers<4.58, "
+                         "which sentence-transformers 6 cannot use: until a release lifts that, export without --onnx",
+                         field="onnx") from None
 
 
 def export_onnx(dest: Path, reference: dict, atol: float) -> None:

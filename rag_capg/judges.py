@@ -184,6 +184,13 @@ class BiEncoderTeacher:
         self._doc: dict[str, torch.Tensor] = {}
         self._query: dict[str, torch.Tensor] = {}
 
+    def add_passage_embeddings(self, passage_ids, embeddings: torch.Tensor) -> None:
+        """Hand over passage vectors computed elsewhere, e.g. a whole corpus encoded once through
+        retriever.encode_corpus's disk cache. They must be this model's normalised encode_document output."""
+        if len(passage_ids) != len(embeddings):
+            raise ValueError(f"{len(passage_ids)} passage ids but {len(embeddings)} embeddings")
+        self._doc.update(zip(passage_ids, torch.as_tensor(embeddings).float().cpu()))
+
     @torch.no_grad()
     def score(self, query_ids, queries, passage_ids, passages) -> torch.Tensor:
         new = {pid: text for ids, texts in zip(passage_ids, passages) for pid, text in zip(ids, texts)

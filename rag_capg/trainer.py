@@ -233,7 +233,9 @@ class Trainer:
         staleness = {"index_staleness": self.step + 1 - self.index_step, "index_drift": self.last_drift} \
             if c.mode == "both_towers" else {"index_staleness": 0}
         return {"loss": s[9] / max(s[8], 1), "reward_mean": mean, "reward_std": math.sqrt(max(s[1] / n - mean ** 2, 0)),
-                "zero_var_frac": s[3] / max(s[4], 1), "candidate_recall": s[5] / s[6] if s[6] else None,
+                # a group of one reward (G * L = 1) has no variance to speak of: not logged then
+                "zero_var_frac": s[3] / max(s[4], 1) if c.group_size * c.num_picks > 1 else None,
+                "candidate_recall": s[5] / s[6] if s[6] else None,
                 "entropy": s[7] / max(s[8], 1), "skipped_queries": int(s[10]), "grad_norm": grad_norm,
                 "zero_reward_frac": s[11] / max(s[4], 1), "lr": self.scheduler.get_last_lr()[0],
                 "lsr_hit_rate": s[12] / max(s[12] + s[13], 1), "lsr_misses": int(s[13]), **staleness}

@@ -206,11 +206,11 @@ def _has_onnx() -> bool:
 @pytest.mark.skipif(_has_onnx(), reason="optimum + onnxruntime installed: the real export is tested instead")
 def test_onnx_without_the_extra_names_the_install_command(trained_run, tmp_path, capsys):
     assert cli.main(["export", str(trained_run), "--out", str(tmp_path / "o"), "--onnx"]) == 2
-    assert "pip install rag-capg[onnx]" in capsys.readouterr().err
+    assert "pip install 'sentence-transformers[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(not _has_onnx(), reason="needs optimum[onnxruntime] (pip install rag-capg[onnx])")
+@pytest.mark.skipif(not _has_onnx(), reason="needs sentence-transformers[onnx] (optimum-onnx, onnxruntime)")
 def test_onnx_towers_match_torch(trained_run, tmp_path):
     out = tmp_path / "o"
     assert cli.main(["export", str(trained_run), "--out", str(out), "--onnx"]) == 0
