@@ -300,7 +300,8 @@ class Trainer:
                    "reward_mapping": c.reward_mapping, "estimator": c.estimator, "K": c.candidates,
                    "L": c.num_picks, "G": c.group_size, "mode": c.mode, "steps": self.step,
                    "train_queries": len(self.train_q), "corpus_size": len(self.corpus),
-                   "num_processes": acc.num_processes, "wall_time_s": round(wall, 1), "resumed_from": resumed_from,
+                   "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+                   "wall_time_s": round(wall, 1), "resumed_from": resumed_from,
                    "eval_before": before, "eval_after": after, "best": self.best,
                    "lsr_cache": {"hits": self.judge.hits, "misses": self.judge.misses}}
         self.logger.finish(self.model, summary)

@@ -171,6 +171,25 @@ def _cli(args: list[str], **env) -> list[str]:
     return [sys.executable, "-m", "rag_capg.cli", "train", *args]
 
 
+def test_bf16_autocast_trains_with_float32_weights(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    # Accelerate fixes the precision once per process, so the run gets its own (one run per process, as
+    # users run). Both towers: the encoder runs under bf16 autocast; the policy's normalisers are float32.
+    args = [f"model={tiny_bi_encoder_path}", f"dataset={tiny_beir_dir}", "candidates=5", "batch_size=4",
+            "max_steps=4", "learning_rate=1e-3", "report_to=none", "progress=false", "eval_split=",
+            "mode=both_towers", "reindex_every=2", "mixed_precision=bf16", f"output_dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(_cli(args), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["mixed_precision"] == "bf16"
+    final = weights(tmp_path / "run" / "final")
+    assert all(t.dtype == torch.float32 for t in final.values())
+    base = {k.split("/", 1)[1]: v for k, v in weights(tiny_bi_encoder_path).items()}
+    assert max(float((v - base[k.split("/", 1)[1]]).abs().max()) for k, v in final.items()) > 0  # it trained
+
+
 def test_two_processes_train_like_one(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
     # torchrun is the launcher `accelerate launch` wraps; ACCELERATE_USE_CPU=1 gives MULTI_CPU on gloo.
     args = [f"model={tiny_bi_encoder_path}", f"dataset={tiny_beir_dir}", "candidates=5", "batch_size=4",
