@@ -166,17 +166,10 @@ def teacher_groups(queries, corpus, candidates, config: BaselinesConfig, rng: ra
     import hashlib
 
     from rag_capg.judges import BiEncoderTeacher, ScoreCache
-    from rag_capg.train_utils import resolve_model
-
-    from rag_capg.retriever import encode_corpus, model_fingerprint
+    from rag_capg.train_utils import resolve_model, seed_teacher_from_cache
 
     judge = BiEncoderTeacher(resolve_model(config.teacher_model), batch_size=16, device="cpu")
-    emb_cache = Path(config.cache_dir) / "embeddings"
-    if (emb_cache / f"corpus-{model_fingerprint(judge.model)}-{corpus.fingerprint}-norm.pt").is_file():
-        # rag-capg eval / train already encoded this corpus with the teacher (normalised, as the teacher's
-        # cosine needs): seed its per-passage store from that cache instead of encoding the passages again.
-        doc_emb = encode_corpus(judge.model, corpus, cache_dir=emb_cache, normalize=True, show_progress=False)
-        judge.add_passage_embeddings(corpus.ids, doc_emb)
+    seed_teacher_from_cache(judge, corpus, Path(config.cache_dir) / "embeddings")  # when eval/train encoded it
     key = hashlib.sha256(judge.identity.encode()).hexdigest()[:16]  # the same file rag-capg train uses
     cache = ScoreCache(judge, Path(config.cache_dir) / "lsr" / f"{key}.sqlite")
     sampled = [(qid, rng.sample(cands, config.group_size)) for qid, cands in zip(queries.ids, candidates)]

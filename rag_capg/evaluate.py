@@ -242,7 +242,7 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
         from rag_capg.train_utils import build_judge
 
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        judge = build_judge(config, queries, SimpleNamespace(device=device))
+        judge = build_judge(config, queries, SimpleNamespace(device=device), corpus)
     fs_metrics, ts_metrics = first_stage_metrics(config.k), two_stage_metrics(config.final_k)
     results, curves = [], {}
     for spec, name in zip(config.models, names):

@@ -101,6 +101,11 @@ def _encode(model: SentenceTransformer, texts: list[str], route: Route, batch_si
     return emb.float().cpu()
 
 
+def corpus_cache_path(model: SentenceTransformer, corpus, cache_dir: str | Path, *, normalize: bool) -> Path:
+    """Where ``encode_corpus`` keeps this (model's document route, corpus) pair's embeddings."""
+    return Path(cache_dir) / f"corpus-{model_fingerprint(model)}-{corpus.fingerprint}-{'norm' if normalize else 'raw'}.pt"
+
+
 def encode_corpus(model: SentenceTransformer, corpus, *, cache_dir: str | Path | None, batch_size: int = 64,
                   accelerator=None, show_progress: bool = True, normalize: bool) -> torch.FloatTensor:
     """(N, d) float32 CPU document embeddings of ``corpus`` (a rag_capg.data.Corpus).
@@ -113,10 +118,7 @@ def encode_corpus(model: SentenceTransformer, corpus, *, cache_dir: str | Path |
     nproc = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     is_main = rank == 0
-    path = None
-    if cache_dir is not None:
-        key = f"corpus-{model_fingerprint(model)}-{corpus.fingerprint}-{'norm' if normalize else 'raw'}.pt"
-        path = Path(cache_dir) / key
+    path = corpus_cache_path(model, corpus, cache_dir, normalize=normalize) if cache_dir is not None else None
     # Every rank must take the same branch (a lone miss would hang in gather): hit only if all see it.
     hit = path is not None and path.is_file()
     if nproc > 1:

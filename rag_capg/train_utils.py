@@ -47,8 +47,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_judge(config, train_queries, accelerator):
-    """The frozen LSR behind an on-disk score cache (one sqlite file per LSR identity, shared by processes)."""
+def build_judge(config, train_queries, accelerator, corpus=None):
+    """The frozen LSR behind an on-disk score cache (one sqlite file per LSR identity, shared by processes).
+    A bi-encoder teacher starts from its corpus embeddings when cache_dir/embeddings already holds them (an
+    earlier ``rag-capg eval`` of the teacher, or eval/bench_scifact.py): the same normalised vectors it would
+    compute batch by batch, without encoding a passage twice."""
     from rag_capg import judges
 
     device = str(accelerator.device)
@@ -69,6 +72,8 @@ def build_judge(config, train_queries, accelerator):
     elif kind == "bi_encoder":
         judge = judges.BiEncoderTeacher(resolve_model(config.lsr_model), batch_size=config.lsr_batch_size,
                                         device=device)
+        if corpus is not None:
+            seed_teacher_from_cache(judge, corpus, Path(config.cache_dir) / "embeddings")
     else:  # callable: "module:function" taking (query_ids, queries, passage_ids, passages)
         module, _, fn_name = config.lsr_callable.partition(":")
         try:
@@ -80,6 +85,17 @@ def build_judge(config, train_queries, accelerator):
 
     key = hashlib.sha256(judge.identity.encode()).hexdigest()[:16]
     return judges.ScoreCache(judge, Path(config.cache_dir) / "lsr" / f"{key}.sqlite", on_failure=config.lsr_on_error)
+
+
+def seed_teacher_from_cache(teacher, corpus, cache_dir: Path) -> bool:
+    """Hand a BiEncoderTeacher the corpus embeddings cached under cache_dir, if there; True when it was."""
+    from rag_capg.retriever import corpus_cache_path, encode_corpus
+
+    if not corpus_cache_path(teacher.model, corpus, cache_dir, normalize=True).is_file():
+        return False
+    emb = encode_corpus(teacher.model, corpus, cache_dir=cache_dir, normalize=True, show_progress=False)
+    teacher.add_passage_embeddings(corpus.ids, emb)
+    return True
 
 
 @torch.no_grad()

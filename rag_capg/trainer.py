@@ -99,7 +99,7 @@ class Trainer:
         self.last_drift = 0.0
         self.index_step = 0  # step at which the index was last encoded (both_towers staleness)
         # 3. the late-stage ranker (frozen, cached) -------------------------------------------------------
-        self.judge = build_judge(c, self.train_q, self.accelerator)
+        self.judge = build_judge(c, self.train_q, self.accelerator, self.corpus)
         # 4. optimisation ---------------------------------------------------------------------------------
         optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
         # Only the optimizer goes through accelerate (it owns the fp16 grad scaler). The scheduler is stepped
