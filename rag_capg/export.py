@@ -306,11 +306,12 @@ def build_folder(src: Path, dest: Path, card: typing.Callable[..., str], cfg: Ex
 
 
 def require_onnx() -> None:
-    try:
+    try:  # the exporter module too: optimum-onnx 0.1.0 installed beside transformers 5 fails only there
         import onnxruntime  # noqa: F401
+        import optimum.exporters.onnx.convert  # noqa: F401
         import optimum.onnxruntime  # noqa: F401
-    except ImportError:
-        raise InputError("--onnx needs sentence-transformers' ONNX backend (optimum-onnx and onnxruntime): "
+    except ImportError as err:
+        raise InputError(f"--onnx needs sentence-transformers' ONNX backend (optimum-onnx and onnxruntime; {err}): "
                          "pip install 'sentence-transformers[onnx]'. Its optimum-onnx 0.1.0 requires transformers<4.58, "
                          "which sentence-transformers 6 cannot use: until a release lifts that, export without --onnx",
                          field="onnx") from None

@@ -195,10 +195,12 @@ def test_push_preflight_fails_with_one_message_and_never_leaks_the_token(trained
 
 
 def _has_onnx() -> bool:
+    from rag_capg.errors import InputError
+    from rag_capg.export import require_onnx
+
     try:
-        import onnxruntime  # noqa: F401
-        import optimum.onnxruntime  # noqa: F401
-    except ImportError:
+        require_onnx()
+    except InputError:
         return False
     return True
 
