@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rag_capg.io import atomic_path  # noqa: E402
@@ -38,7 +39,8 @@ def plot_curves(results: list[RunResult], oracle: dict[int, float], path: str | 
                 title: str = "") -> None:
     ks = sorted({r.k for r in results})
     estimators = list(dict.fromkeys(r.estimator for r in results))
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.6), sharey=True, squeeze=False)
+    # at least 7 inches wide: one panel must still hold the legend row and the title
+    fig, axes = plt.subplots(1, len(ks), figsize=(max(4.2 * len(ks), 7.0), 3.6), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], ks):
         for est in estimators:
             runs = [r for r in results if r.k == k and r.estimator == est]
@@ -57,6 +59,7 @@ def plot_curves(results: list[RunResult], oracle: dict[int, float], path: str | 
             ax.axhline(0.95 * oracle[k], color="black", ls=":", lw=1.0, label="95% of oracle")
         ax.set_title(f"K = {k}")
         ax.set_xlabel("training steps")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}K" if x else "0"))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("policy value")
     handles, labels = axes[0][0].get_legend_handles_labels()
