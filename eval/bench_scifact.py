@@ -19,6 +19,7 @@ wall time, train/eval query counts) and prints a short table. The recipe's datas
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import random
 import subprocess
@@ -109,7 +110,9 @@ def main(argv: list[str]) -> int:
            "after": {m: after.get(m) for m in (f"recall@{k}", "ndcg@10")},
            "train_wall_s": summary["wall_time_s"], "total_wall_s": round(wall, 1),
            "teacher_prefill_s": None if prefill_s is None else round(prefill_s, 1),
-           "lsr_cache": summary["lsr_cache"], "output_dir": cfg.output_dir, "git": git_state()}
+           "lsr_cache": summary["lsr_cache"], "output_dir": cfg.output_dir, "git": git_state(),
+           "versions": {pkg: importlib.metadata.version(pkg) for pkg in
+                        ("torch", "transformers", "sentence-transformers", "accelerate")}}
     OUT.mkdir(parents=True, exist_ok=True)
     with (OUT / "results.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
