@@ -38,7 +38,7 @@ from rag_capg.estimators import ESTIMATORS
 from rag_capg.io import write_json, write_text
 from rag_capg.simulate.cli import SimulateConfig, format_table, summarise
 from rag_capg.simulate.env import make_env
-from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves
+from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves, runs_by_k_and_estimator
 from rag_capg.simulate.runner import RunResult, run, steps_to_fraction
 
 ORDER = ["vpg", "vpg_swr", "capg", "capg_exact", "top1"]
@@ -110,16 +110,12 @@ def threshold_table(results: list[RunResult], oracle: dict[int, float], fraction
     head = " | ".join(f"steps to {100 * f:.0f}%" for f in fractions)
     lines = [f"| estimator | K | {head} | largest drop between evaluations |",
              "|---|---|" + "---|" * (len(fractions) + 1)]
-    for k in sorted(oracle):
-        for est in dict.fromkeys(r.estimator for r in results):
-            runs = [r for r in results if r.k == k and r.estimator == est]
-            if not runs:
-                continue
-            steps, mean, _, _ = mean_curve(runs)
-            reach = [steps_to_fraction(steps.tolist(), mean.tolist(), f * oracle[k]) for f in fractions]
-            drop = max(0.0, *(a - b for a, b in zip(mean[:-1], mean[1:])))
-            cells = " | ".join("not reached" if s is None else f"{s:,}" for s in reach)
-            lines.append(f"| {LABELS.get(est, est)} | {k} | {cells} | {drop:.3f} |")
+    for k, est, runs in runs_by_k_and_estimator(results, oracle):
+        steps, mean, _, _ = mean_curve(runs)
+        reach = [steps_to_fraction(steps.tolist(), mean.tolist(), f * oracle[k]) for f in fractions]
+        drop = max(0.0, *(a - b for a, b in zip(mean[:-1], mean[1:])))
+        cells = " | ".join("not reached" if s is None else f"{s:,}" for s in reach)
+        lines.append(f"| {LABELS.get(est, est)} | {k} | {cells} | {drop:.3f} |")
     return "\n".join(lines)
 
 

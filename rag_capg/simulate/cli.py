@@ -25,7 +25,7 @@ from rag_capg.config_parsing import parse_config
 from rag_capg.errors import InputError
 from rag_capg.io import write_json, write_text
 from rag_capg.simulate.env import make_env
-from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves
+from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves, runs_by_k_and_estimator
 from rag_capg.simulate.runner import DEFAULT_LR, RunResult, run, steps_to_fraction
 
 EstimatorName = Literal["vpg", "vpg_swr", "capg", "capg_exact", "top1"]
@@ -107,24 +107,20 @@ class SimulateConfig:
 def summarise(results: list[RunResult], oracle: dict[int, float]) -> list[dict]:
     """One row per (estimator, K): steps to 95% of the oracle (of the mean curve), final value, stops."""
     rows = []
-    for k in sorted(oracle):
-        for est in dict.fromkeys(r.estimator for r in results):
-            runs = [r for r in results if r.k == k and r.estimator == est]
-            if not runs:
-                continue
-            steps, mean, _, _ = mean_curve(runs)
-            per_seed = [steps_to_fraction(r.steps, r.values, 0.95 * oracle[k]) for r in runs]
-            stopped = [r for r in runs if r.stopped_at is not None]
-            rows.append({
-                "estimator": est, "K": k, "oracle": oracle[k],
-                "steps_to_95": steps_to_fraction(steps.tolist(), mean.tolist(), 0.95 * oracle[k]),
-                "steps_to_95_per_seed": per_seed,
-                "final_value": sum(r.values[-1] for r in runs) / len(runs),
-                "final_fraction_of_oracle": sum(r.values[-1] for r in runs) / len(runs) / oracle[k],
-                "runs_stopped": len(stopped), "runs": len(runs),
-                "stopped_at": [r.stopped_at for r in stopped],
-                "ms_per_step": sum(r.ms_per_step for r in runs) / len(runs),
-            })
+    for k, est, runs in runs_by_k_and_estimator(results, oracle):
+        steps, mean, _, _ = mean_curve(runs)
+        per_seed = [steps_to_fraction(r.steps, r.values, 0.95 * oracle[k]) for r in runs]
+        stopped = [r for r in runs if r.stopped_at is not None]
+        rows.append({
+            "estimator": est, "K": k, "oracle": oracle[k],
+            "steps_to_95": steps_to_fraction(steps.tolist(), mean.tolist(), 0.95 * oracle[k]),
+            "steps_to_95_per_seed": per_seed,
+            "final_value": sum(r.values[-1] for r in runs) / len(runs),
+            "final_fraction_of_oracle": sum(r.values[-1] for r in runs) / len(runs) / oracle[k],
+            "runs_stopped": len(stopped), "runs": len(runs),
+            "stopped_at": [r.stopped_at for r in stopped],
+            "ms_per_step": sum(r.ms_per_step for r in runs) / len(runs),
+        })
     return rows
 
 

@@ -24,6 +24,14 @@ COLOURS = {"vpg": "tab:gray", "vpg_swr": "tab:blue", "capg": "tab:red", "capg_ex
            "top1": "tab:orange"}
 
 
+def runs_by_k_and_estimator(results: list[RunResult], ks) -> list[tuple[int, str, list[RunResult]]]:
+    """(K, estimator, its runs over seeds) for each K of ks and each estimator present, estimators in the
+    order they first appear; pairs without runs are left out."""
+    estimators = list(dict.fromkeys(r.estimator for r in results))
+    groups = [(k, est, [r for r in results if r.k == k and r.estimator == est]) for k in sorted(ks) for est in estimators]
+    return [g for g in groups if g[2]]
+
+
 def mean_curve(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, mean, low, high) over seeds, up to the longest run; a stopped seed drops out of later points."""
     longest = max(runs, key=lambda r: len(r.steps))
