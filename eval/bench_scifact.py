@@ -64,16 +64,18 @@ def git_state() -> str:
 
 def prefill_teacher(trainer) -> float:
     """A bi-encoder LSR touches nearly every passage of a 5K corpus within a few epochs (Gumbel sampling
-    explores), so encode the whole corpus with the teacher once, through the content-addressed corpus
-    cache (cache_dir/embeddings, reused by every later run), and hand the embeddings to the teacher's
-    in-memory passage store: the same normalised encode_document vectors it would compute lazily, but
-    batched by length and computed once for the dev and the final runs. Returns the seconds it took."""
-    from rag_capg.retriever import encode_corpus
+    explores). The trainer's judge already starts from the teacher's corpus-embedding cache when there is one
+    (train_utils.seed_teacher_from_cache); when there is none, encode the whole corpus with the teacher once,
+    batched by length, into that cache (reused by every later run) and hand it to the judge. Returns the
+    seconds it took (0 when the cache was already there)."""
+    from rag_capg.retriever import corpus_cache_path, encode_corpus
 
+    teacher, cache = trainer.judge.judge, Path(trainer.config.cache_dir) / "embeddings"
+    if corpus_cache_path(teacher.model, trainer.corpus, cache, normalize=True).is_file():
+        return 0.0
     t0 = time.time()
-    teacher = trainer.judge.judge
-    emb = encode_corpus(teacher.model, trainer.corpus, cache_dir=Path(trainer.config.cache_dir) / "embeddings",
-                        batch_size=trainer.config.lsr_batch_size, show_progress=False, normalize=True)
+    emb = encode_corpus(teacher.model, trainer.corpus, cache_dir=cache, batch_size=trainer.config.lsr_batch_size,
+                        show_progress=False, normalize=True)
     teacher.add_passage_embeddings(trainer.corpus.ids, emb)
     print(f"teacher passages ready: {emb.shape[0]} in {time.time() - t0:.0f} s", flush=True)
     return time.time() - t0

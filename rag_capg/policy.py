@@ -112,8 +112,8 @@ class _LogSumExpExcluding(torch.autograd.Function):
     With m = max_j s_bj and e = exp(s - m) zeroed at ``index``: value m + log sum(e), gradient e / sum(e)
     (the softmax of the kept entries). Autograd through ``logsumexp(s.scatter(...))`` costs two exp passes,
     a copy and a fill of the (B, N) logits, which made this the largest part of CA-PG's extra time over TOP1.
-    ``None`` when a row's kept mass underflows (every kept entry ~88+ nats below the row maximum in float32,
-    or nothing is kept): the caller then takes the slow, exact path."""
+    Also returns the kept mass sum(e): 0 in a row where it underflows (every kept entry ~88+ nats below the
+    row maximum in float32) or nothing is kept, and the caller then takes the slow, exact path."""
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, index: torch.Tensor):

@@ -245,3 +245,33 @@ def test_invalid_inputs_raise():
         entropy(torch.zeros(5))
     with pytest.raises(ValueError, match="floating point"):
         entropy(torch.zeros(2, 5, dtype=torch.int64))
+
+
+def test_logsumexp_excluding_matches_autograd_and_survives_underflow():
+    # The fused one-pass form against logsumexp over the kept entries by plain autograd: ordinary rows, then a
+    # row whose kept entries all lie 200 nats below the excluded maximum (exp underflows in float32: the
+    # exact fallback path) and a row with nothing kept (a huge negative, finite value and a finite gradient).
+    from rag_capg.policy import _logsumexp_excluding
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 12, generator=g, dtype=torch.float32) * 3
+    index = torch.stack([torch.randperm(12, generator=g)[:4] for _ in range(4)])
+    x = s.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((_logsumexp_excluding(x, index) * torch.arange(1.0, 5.0)).sum(), x)
+    keep = torch.ones_like(s, dtype=torch.bool).scatter(1, index, False)
+    y = s.clone().requires_grad_(True)
+    want = torch.stack([torch.logsumexp(y[b][keep[b]], 0) for b in range(4)])
+    (want_grad,) = torch.autograd.grad((want * torch.arange(1.0, 5.0)).sum(), y)
+    torch.testing.assert_close(_logsumexp_excluding(s, index), want.detach(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-5)
+
+    far = torch.tensor([[0.0, -200.0, -201.0], [1.0, 2.0, 3.0]]).requires_grad_(True)
+    value = _logsumexp_excluding(far, torch.tensor([[0], [0]]))
+    assert abs(float(value[0].detach()) - math.log(math.exp(-200.0) + math.exp(-201.0))) < 1e-4
+    (grad_far,) = torch.autograd.grad(value[0], far)
+    torch.testing.assert_close(grad_far[0], torch.tensor([0.0, 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))]))
+    nothing = torch.zeros(1, 3, requires_grad=True)
+    value = _logsumexp_excluding(nothing, torch.tensor([[0, 1, 2]]))
+    assert torch.isfinite(value).all() and float(value.detach()) < -1e30
+    (grad_nothing,) = torch.autograd.grad(value.sum(), nothing)
+    assert torch.isfinite(grad_nothing).all()

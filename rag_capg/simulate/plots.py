@@ -28,7 +28,8 @@ def runs_by_k_and_estimator(results: list[RunResult], ks) -> list[tuple[int, str
     """(K, estimator, its runs over seeds) for each K of ks and each estimator present, estimators in the
     order they first appear; pairs without runs are left out."""
     estimators = list(dict.fromkeys(r.estimator for r in results))
-    groups = [(k, est, [r for r in results if r.k == k and r.estimator == est]) for k in sorted(ks) for est in estimators]
+    groups = [(k, est, [r for r in results if r.k == k and r.estimator == est])
+              for k in sorted(ks) for est in estimators]
     return [g for g in groups if g[2]]
 
 
