@@ -1,11 +1,25 @@
 """Indices of the k largest entries of each row, best first: ``torch.topk(x, k, dim=1).indices``.
 
-On CPU, for float32 / float64 rows, a numba selection kernel does it in one pass per row: a min-heap of
-the k best seen so far, where a new entry only costs one comparison with the heap's root unless it
-beats it (expected k log(N/k) replacements of log k each), then a heap sort of the k survivors. At k = 20,
-N = 1,000, that is about 2x faster than ``torch.topk`` on one core; it serves every top-K of a training
-step (the Gumbel top-K sample, the deterministic top-K of CA-PG's approximation). Past k = 32 the heap's
-replacements cost more than they save and ``torch.topk`` is used.
+On CPU, for float32 / float64 rows, a numba kernel does it in three short passes per row:
+
+1. A lower bound tau on the k-th largest value. Split the row into k disjoint interleaved lanes
+   (entries j, j + k, j + 2k, ...) and take each lane's maximum: that is k distinct entries, so at
+   least k entries are >= tau = the smallest lane maximum, hence the k-th largest value is >= tau.
+   The lane loop is an elementwise max over k contiguous entries at a time, which the compiler
+   vectorises (a running max over contiguous blocks would be a serial reduction, 2.5x slower).
+   (2k lanes and a quickselect for the k-th largest lane maximum leave fewer survivors, ~26 rather
+   than ~68, but measured no faster overall: 0.26 against 0.28 ms at N = 1,000, 0.20 against 0.15 ms
+   at N = 5,183.)
+2. Collect the entries >= tau (and NaNs, which compare false with everything). For N = 1,000 and k = 20
+   about 70 survive.
+3. Insertion-sort the survivors into the k best, in index order, so that equal values keep the earlier
+   index first.
+
+At k = 20, N = 1,000 this is about 4x faster than ``torch.topk`` on one core (0.28 ms for 128 rows against
+1.2 ms; the min-heap it replaced took 0.6 ms), and it serves every top-K of a training step (the Gumbel
+top-K sample, the deterministic top-K of CA-PG's approximation). The bound loosens as k grows (lanes get
+shorter, more entries survive, and each insertion shifts up to k entries), so past k = 64 ``torch.topk``
+is used.
 
 Ties: the earlier index wins, both at the k-th place and in the order of the result (``torch.topk``
 leaves the order of equal values unspecified). Rows holding NaN, other dtypes, other devices, or a
@@ -30,63 +44,64 @@ except ImportError:  # pragma: no cover
 if _HAVE_NUMBA:
 
     @numba.njit(cache=True, nogil=True)
-    def _sift_down(vals, idx, pos, k):  # pragma: no cover - compiled
-        """Restore the min-heap below ``pos``; the root holds the worst kept entry (lowest value,
-        latest index among equal values, so that earlier indices are the ones kept)."""
-        while True:
-            child = 2 * pos + 1
-            if child >= k:
-                return
-            other = child + 1
-            if other < k and (vals[other] < vals[child] or (vals[other] == vals[child] and idx[other] > idx[child])):
-                child = other
-            if vals[child] < vals[pos] or (vals[child] == vals[pos] and idx[child] > idx[pos]):
-                vals[pos], vals[child] = vals[child], vals[pos]
-                idx[pos], idx[child] = idx[child], idx[pos]
-                pos = child
-            else:
-                return
-
-    @numba.njit(cache=True, nogil=True)
     def _top_k_rows(x, k, out):  # pragma: no cover - compiled
         """Write each row's top-k indices (best first) into out (B, k); return False if a NaN was seen."""
         B, N = x.shape
-        vals = np.empty(k, dtype=x.dtype)
-        idx = np.empty(k, dtype=np.int64)
+        lane_max = np.empty(k, dtype=x.dtype)
+        cand_val = np.empty(N, dtype=x.dtype)
+        cand_idx = np.empty(N, dtype=np.int64)
+        best_val = np.empty(k, dtype=x.dtype)
+        best_idx = np.empty(k, dtype=np.int64)
         for b in range(B):
-            for i in range(k):
-                vals[i] = x[b, i]
-                idx[i] = i
-            for pos in range(k // 2 - 1, -1, -1):
-                _sift_down(vals, idx, pos, k)
-            for i in range(k, N):
+            # 1. tau = min over k interleaved lanes of the lane maximum. A NaN never replaces a lane
+            #    maximum and is skipped by the min; pass 2 lets every NaN through to be caught in pass 3.
+            for j in range(k):
+                lane_max[j] = x[b, j]
+            for start in range(k, N - k + 1, k):
+                for j in range(k):
+                    v = x[b, start + j]
+                    lane_max[j] = v if v > lane_max[j] else lane_max[j]
+            tau = lane_max[0]
+            for j in range(1, k):
+                tau = lane_max[j] if lane_max[j] < tau else tau
+            # 2. the survivors, in index order (NaN < tau is false: NaNs survive)
+            count = 0
+            for i in range(N):
                 v = x[b, i]
-                if v > vals[0]:  # strictly better than the worst kept: equal values keep the earlier index
-                    vals[0] = v
-                    idx[0] = i
-                    _sift_down(vals, idx, 0, k)
-                elif v != v:
+                if not v < tau:
+                    cand_val[count] = v
+                    cand_idx[count] = i
+                    count += 1
+            # 3. insertion into best_val (descending); a survivor equal to a kept value goes after it
+            filled = 0
+            for c in range(count):
+                v = cand_val[c]
+                if v != v:
                     return False
+                if filled == k and not v > best_val[k - 1]:
+                    continue
+                pos = filled if filled < k else k - 1
+                while pos > 0 and v > best_val[pos - 1]:  # shift the worse ones down (the k-th falls off)
+                    best_val[pos] = best_val[pos - 1]
+                    best_idx[pos] = best_idx[pos - 1]
+                    pos -= 1
+                best_val[pos] = v
+                best_idx[pos] = cand_idx[c]
+                if filled < k:
+                    filled += 1
             for i in range(k):
-                if vals[i] != vals[i]:
-                    return False
-            # heap sort: popping the root (the worst kept) k times fills the row from its end
-            for size in range(k, 0, -1):
-                out[b, size - 1] = idx[0]
-                vals[0] = vals[size - 1]
-                idx[0] = idx[size - 1]
-                _sift_down(vals, idx, 0, size - 1)
+                out[b, i] = best_idx[i]
         return True
 
 
-_MAX_HEAP_K = 32  # beyond this the heap's replacements cost more than torch.topk's partial sort
+_MAX_KERNEL_K = 64  # beyond this the lower bound is too loose and torch.topk's partial sort is faster
 
 
 def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """``torch.topk(x, k, dim=1, sorted=True).indices`` for a (B, N) tensor (no gradient)."""
     x = x.detach()
     if (_HAVE_NUMBA and x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.float64)
-            and 1 <= k <= min(_MAX_HEAP_K, x.shape[1])):
+            and 1 <= k <= min(_MAX_KERNEL_K, x.shape[1])):
         out = np.empty((x.shape[0], k), dtype=np.int64)
         if _top_k_rows(x.contiguous().numpy(), k, out):
             return torch.from_numpy(out)
