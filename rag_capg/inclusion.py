@@ -59,6 +59,13 @@ from rag_capg.poisson_binomial import race_truncated_cdf, truncated_cdf
 from rag_capg.policy import _check_index, _check_logits, _logsumexp_excluding, _upcast
 from rag_capg.top_k import top_k_indices
 
+try:  # numba ships with our ranx dependency
+    from rag_capg.inclusion_approx_cpu import approx_inclusion_cpu
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    _HAVE_NUMBA = False
+
 __all__ = ["inclusion_prob_approx", "inclusion_prob_exact", "log_inclusion_prob"]
 
 _TINY = 1e-300
@@ -75,8 +82,27 @@ def _check(logits: torch.Tensor, items: torch.Tensor, k: int) -> None:
 # 1. The paper's top-prefix approximation
 
 
-def _log_one_minus_approx(logits: torch.Tensor, items: torch.Tensor, k: int) -> torch.Tensor:
-    """log(1 - P_approx(a in S)) = sum_k log(R_k / (R_k + w_a)), shape (B, L), float64.
+def _approx(logits: torch.Tensor, items: torch.Tensor, k: int, *, log_p: bool) -> torch.Tensor:
+    """log P_approx(a in S) (log_p=True) or log(1 - P_approx(a in S)), shape (B, L), float64.
+
+    On CPU (with numba) one fused autograd node (``rag_capg.inclusion_approx_cpu``); elsewhere, and where
+    a row's tail mass underflows, the torch expression below, which is also the reference in the tests.
+    log P is taken as log(-expm1(log(1 - P))), accurate even when P is tiny.
+    """
+    s = _upcast(logits)
+    with torch.no_grad():
+        top = top_k_indices(s, k)  # (B, K), best first
+    if _HAVE_NUMBA and s.device.type == "cpu":
+        fused = approx_inclusion_cpu(s, top, items, log_p=log_p)
+        if fused is not None:
+            return fused
+    log_one_minus = _log_one_minus_approx_torch(s, top, items, k)
+    return torch.log(-torch.expm1(log_one_minus)) if log_p else log_one_minus
+
+
+def _log_one_minus_approx_torch(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor, k: int) -> torch.Tensor:
+    """log(1 - P_approx(a in S)) = sum_k log(R_k / (R_k + w_a)) in torch ops under autograd, given the top-K
+    ``top`` of the logits s. (B, L) float64.
 
     R_k = weight of everything except a and its prefix b_1..b_{k-1}. With the row's top-K (indices
     t_0..t_{K-1}, best first) and the mass beyond it (tail T):
@@ -86,9 +112,6 @@ def _log_one_minus_approx(logits: torch.Tensor, items: torch.Tensor, k: int) -> 
     Both are "tail + reverse cumsum of the top-K weights with a's entry zeroed", where a's own slot
     holds R_K = T (the product over k is order-free, so the slots need no re-ordering).
     """
-    s = _upcast(logits)
-    with torch.no_grad():
-        top = top_k_indices(s, k)  # (B, K), best first
     # one gather for the top-K and the picks (one scatter in backward), one exp for all the weights
     gathered = s.gather(1, torch.cat((top, items), dim=1))  # (B, K + L)
     log_tail = _logsumexp_excluding(s, top)  # mass outside the top-K, no cancellation
@@ -108,7 +131,7 @@ def _log_one_minus_approx(logits: torch.Tensor, items: torch.Tensor, k: int) -> 
 def inclusion_prob_approx(logits: torch.Tensor, items: torch.Tensor, k: int) -> torch.Tensor:
     """The paper's approximation 1 - prod_k (1 - p_k(a)) for each item (B, L). Returns float64 (B, L)."""
     _check(logits, items, k)
-    return -torch.expm1(_log_one_minus_approx(logits, items, k))
+    return -torch.expm1(_approx(logits, items, k, log_p=False))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +301,7 @@ def log_inclusion_prob(logits: torch.Tensor, items: torch.Tensor, k: int, *,
     when P is tiny; "exact" as the log of the quadrature (clamped away from 0)."""
     if method == "approx":
         _check(logits, items, k)
-        return torch.log(-torch.expm1(_log_one_minus_approx(logits, items, k)))
+        return _approx(logits, items, k, log_p=True)
     if method == "exact":
         p = inclusion_prob_exact(logits, items, k, num_nodes=num_nodes, top_m=top_m, tail=tail)
         return torch.log(p.clamp_min(_TINY))
