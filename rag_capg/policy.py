@@ -17,7 +17,10 @@ corpus item) and works on any device. Item weights are ``w_j = exp(s_j)``; ``p =
   logits and one masked ``logsumexp`` over the corpus. No Python loop over positions, no cancellation.
 
 * Sampling uses the Gumbel top-k trick: the top-k of ``s + Gumbel noise`` is an exact PL sample, ordered.
-  (We draw the noise as ``-log(E)``, E ~ Exp(1), which is the same Gumbel(0, 1) distribution.)
+  The noise is ``-log(-log U)``, U ~ Uniform[0, 1) from ``torch.rand``, with U clamped to the smallest
+  normal float so that U = 0 (probability 2^-24 per entry in float32) cannot give -inf. (The same
+  Gumbel(0, 1) as ``-log(E)``, E ~ Exp(1), but torch's ``exponential_`` is ~6x slower on CPU: 2.6 ms
+  for 128 x 1,000 entries, half of a synthetic-benchmark step, against 0.45 ms for rand + two logs.)
   Every top-k goes through ``rag_capg.top_k.top_k_indices``: ``torch.topk``'s result, by a faster
   selection kernel on CPU.
 
@@ -94,9 +97,9 @@ def sample_plackett_luce(logits: torch.Tensor, k: int, *, mask: torch.Tensor | N
     has fewer than k allowed items. ``generator`` (on the logits' device) makes the draw reproducible.
     """
     s = _masked_logits(_upcast(logits.detach()), k, mask)
-    # -log(E), E ~ Exp(1), is Gumbel(0, 1); top-k of the perturbed scores, sorted, is a PL sample.
-    e = torch.empty_like(s).exponential_(generator=generator)
-    return top_k_indices(s - e.log(), k)
+    # -log(-log U) is Gumbel(0, 1); top-k of the perturbed scores, sorted, is a PL sample.
+    u = torch.rand(s.shape, dtype=s.dtype, device=s.device, generator=generator)
+    return top_k_indices(s - u.clamp_min_(torch.finfo(s.dtype).tiny).log_().neg_().log_(), k)
 
 
 @torch.no_grad()
