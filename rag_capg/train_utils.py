@@ -48,7 +48,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_judge(config, train_queries, accelerator, corpus=None):
-    """The frozen LSR behind an on-disk score cache (one sqlite file per LSR identity, shared by processes).
+    """The frozen LSR behind an on-disk score cache (one sqlite file per LSR identity, shared by processes;
+    in memory for the label oracle, whose scores cost nothing).
     A bi-encoder teacher starts from its corpus embeddings when cache_dir/embeddings already holds them (an
     earlier ``rag-capg eval`` of the teacher, or eval/bench_scifact.py): the same normalised vectors it would
     compute batch by batch, without encoding a passage twice."""
@@ -81,6 +82,8 @@ def build_judge(config, train_queries, accelerator, corpus=None):
         except (ImportError, AttributeError) as err:
             raise InputError(f"cannot import {config.lsr_callable!r}: {err}", field="lsr_callable") from None
         judge = judges.CallableJudge(fn, identity=f"callable:{config.lsr_callable}")
+    if kind == "label_oracle":  # a dict lookup: nothing to save on disk (the cache still counts hits and misses)
+        return judges.ScoreCache(judge, None, on_failure=config.lsr_on_error)
     import hashlib
 
     key = hashlib.sha256(judge.identity.encode()).hexdigest()[:16]
