@@ -71,10 +71,7 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 
 def _masked_logits(logits: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
     """Logits with disallowed items set to -inf, after checking that every row has >= k drawable items."""
-    _check_logits(logits)
-    if not 1 <= k <= logits.shape[1]:
-        raise ValueError(f"k must be in [1, N={logits.shape[1]}], got {k}")
-    allowed = logits > float("-inf")  # an item of weight exp(-inf) = 0 can never be drawn either
+    allowed = logits > float("-inf")  # an item of weight exp(-inf) = 0 can never be drawn either (nor NaN)
     if mask is not None:
         if mask.shape != logits.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(logits.shape)}, "
@@ -88,6 +85,25 @@ def _masked_logits(logits: torch.Tensor, k: int, mask: torch.Tensor | None) -> t
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def _top_k_allowed(s: torch.Tensor, k: int, mask: torch.Tensor | None,
+                   neg_noise: torch.Tensor | None) -> torch.Tensor:
+    """Top-k of ``s - neg_noise`` (or of s) among the allowed items: unmasked, logit > -inf, not NaN.
+
+    Without a mask, the top-k of the raw scores is already the answer whenever every chosen item has a
+    logit > -inf (then the row has >= k drawable items and no NaN, which top-k would rank first), so the
+    masked copy of the (B, N) logits, a third of a synthetic-benchmark sampling call, is made only when
+    that check fails or a mask is given; the masked path also raises the error for too few items."""
+    _check_logits(s)
+    if not 1 <= k <= s.shape[1]:
+        raise ValueError(f"k must be in [1, N={s.shape[1]}], got {k}")
+    if mask is None:
+        idx = top_k_indices(s if neg_noise is None else s - neg_noise, k)
+        if bool((s.gather(1, idx) > float("-inf")).all()):  # one host sync; NaN fails it too
+            return idx
+    s = _masked_logits(s, k, mask)
+    return top_k_indices(s if neg_noise is None else s - neg_noise, k)
+
+
 @torch.no_grad()
 def sample_plackett_luce(logits: torch.Tensor, k: int, *, mask: torch.Tensor | None = None,
                          generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,17 +112,17 @@ def sample_plackett_luce(logits: torch.Tensor, k: int, *, mask: torch.Tensor | N
     ``mask`` (bool, (B, N), True = may not be drawn) removes items from the draw; it is an error if a row
     has fewer than k allowed items. ``generator`` (on the logits' device) makes the draw reproducible.
     """
-    s = _masked_logits(_upcast(logits.detach()), k, mask)
+    s = _upcast(logits.detach())
+    _check_logits(s)
     # -log(-log U) is Gumbel(0, 1); top-k of the perturbed scores, sorted, is a PL sample.
     u = torch.rand(s.shape, dtype=s.dtype, device=s.device, generator=generator)
-    return top_k_indices(s - u.clamp_min_(torch.finfo(s.dtype).tiny).log_().neg_().log_(), k)
+    return _top_k_allowed(s, k, mask, u.clamp_min_(torch.finfo(s.dtype).tiny).log_().neg_().log_())
 
 
 @torch.no_grad()
 def deterministic_top_k(logits: torch.Tensor, k: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The k highest-logit allowed items per row, best first (the ESR at evaluation). LongTensor (B, k)."""
-    s = _masked_logits(logits.detach(), k, mask)
-    return top_k_indices(s, k)
+    return _top_k_allowed(logits.detach(), k, mask, None)
 
 
 class _LogSumExpExcluding(torch.autograd.Function):

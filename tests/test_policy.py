@@ -173,6 +173,13 @@ def test_sampler_and_top_k_refuse_rows_with_fewer_than_k_allowed_items():
         sample_plackett_luce(s_inf, 3)
     drawn = sample_plackett_luce(s_inf.expand(1000, 4), 2, generator=torch.Generator().manual_seed(0))
     assert set(drawn.flatten().tolist()) == {0, 3}
+    # nor is a NaN logit (top-k would rank it first; the sampler takes the masked path instead)
+    s_nan = torch.tensor([[0.0, float("nan"), 1.0, -1.0]])
+    drawn = sample_plackett_luce(s_nan.expand(1000, 4), 3, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.flatten().tolist()) == {0, 2, 3}
+    assert deterministic_top_k(s_nan, 3).tolist() == [[2, 0, 3]]
+    with pytest.raises(ValueError, match="only 3 allowed"):
+        deterministic_top_k(s_nan, 4)
     for bad_k in (0, 5):
         with pytest.raises(ValueError, match="k must be in"):
             sample_plackett_luce(s, bad_k)
