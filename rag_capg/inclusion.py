@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from rag_capg.poisson_binomial import race_truncated_cdf, truncated_cdf
-from rag_capg.policy import _check_index, _check_logits, _logsumexp_excluding, _upcast
+from rag_capg.policy import _check_index, _check_logits, _exp_or_zero, _logsumexp_excluding, _upcast
 from rag_capg.top_k import top_k_indices
 
 try:  # numba ships with our ranx dependency
@@ -190,7 +190,7 @@ def _binned_tail_rate(s: torch.Tensor, top: torch.Tensor, s_ref: torch.Tensor, l
         idx = pos.long().scatter_(1, top, num_bins)  # the top-(m+1) go to a discarded bin
         ones = torch.ones(1, 1, dtype=s.dtype, device=s.device).expand(B, N)
         counts = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add_(1, idx, ones)[:, :num_bins]
-    u = torch.exp(s - s_bound.detach())  # <= 1 on the tail
+    u = _exp_or_zero(s - s_bound.detach())  # <= 1 on the tail
     w_bins = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add(1, idx, u)[:, :num_bins]
     # (B, 1, bins) * (B, L, 1): each row's bins scaled by that row's picks (not (1, B, bins), which would
     # broadcast row l's bins onto pick l of every row)

@@ -34,6 +34,8 @@ import numba
 import numpy as np
 import torch
 
+from rag_capg.policy import _exp_or_zero
+
 __all__ = ["approx_inclusion_cpu"]
 
 _TINY = 1e-300
@@ -154,7 +156,7 @@ def approx_inclusion_cpu(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor
     with torch.no_grad():
         top = top.to(torch.int64).contiguous()
         items = items.to(torch.int64).contiguous()
-        e = (s - s.gather(1, top[:, :1])).exp_().scatter_(1, top, 0.0)  # tail weights / row maximum
+        e = _exp_or_zero(s - s.gather(1, top[:, :1])).scatter_(1, top, 0.0)  # tail weights / row maximum
         tail = e.sum(dim=1)
         if not bool((tail > 0).all()):  # one host sync; NaN or an empty / underflowed tail fails it too
             return None

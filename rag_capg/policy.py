@@ -29,6 +29,8 @@ Half-precision inputs are upcast to float32; log-probabilities are returned in t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rag_capg.top_k import top_k_indices
@@ -125,28 +127,61 @@ def deterministic_top_k(logits: torch.Tensor, k: int, *, mask: torch.Tensor | No
     return _top_k_allowed(logits.detach(), k, mask, None)
 
 
+def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """exp(x), with every entry less than one nat above log(smallest normal float) set to 0 (below -86.3 in
+    float32, -707.4 in float64: weights under 3e-38 and 6e-308).
+
+    Used for logits minus their row maximum. Down there exp is (nearly) subnormal or 0 anyway, but torch's
+    vectorised CPU exp falls back to a scalar path for such lanes: 100-250x slower per element on our box
+    (-inf: 25x; the lanes right at the floor are slow too, hence the nat of margin), and a sharp policy
+    (a logit range of a few hundred, as the synthetic benchmark reaches at high learning rates) puts most
+    of the corpus there, turning a 0.05 ms pass into 3-5 ms. Costs one compare and one host sync when
+    nothing is that low. In place when x needs no gradient (a fresh temporary)."""
+    floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
+    low = x < floor
+    if not bool(low.any()):
+        return x.exp() if x.requires_grad else x.exp_()
+    if x.requires_grad:
+        return x.clamp_min(floor).exp().masked_fill(low, 0.0)
+    return x.clamp_min_(floor).exp_().masked_fill_(low, 0.0)
+
+
+def _raise_far_below_max(s: torch.Tensor) -> torch.Tensor:
+    """s with every logit more than ~86 nats (float32; ~707 in float64) below its row maximum raised to that
+    level, so that torch.logsumexp (forward and backward) never meets ``_exp_or_zero``'s slow lanes. Those
+    items weigh < 3e-38 of the maximum: the normaliser moves by at most N times that, and their gradient, as
+    small, becomes 0. Costs two reductions and one host sync when no row spans that range."""
+    floor = s.amax(dim=1, keepdim=True).detach() + (math.log(torch.finfo(s.dtype).tiny) + 1.0)
+    if not bool((s.detach().amin(dim=1, keepdim=True) < floor).any()):
+        return s
+    return torch.maximum(s, floor)
+
+
 class _LogSumExpExcluding(torch.autograd.Function):
     """log sum_{j not in index[b]} exp(s_bj) in one exp pass over (B, N) for forward and backward together.
 
     With m = max_j s_bj and e = exp(s - m) zeroed at ``index``: value m + log sum(e), gradient e / sum(e)
-    (the softmax of the kept entries). Autograd through ``logsumexp(s.scatter(...))`` costs two exp passes,
+    (the softmax of the kept entries, stored as such: scaling the incoming gradient by 1 / sum(e) first
+    overflowed to inf when the kept mass was subnormal, which stopped V-PG at learning rate 1 after 178
+    steps of the synthetic benchmark). Autograd through ``logsumexp(s.scatter(...))`` costs two exp passes,
     a copy and a fill of the (B, N) logits, which made this the largest part of CA-PG's extra time over TOP1.
-    Also returns the kept mass sum(e): 0 in a row where it underflows (every kept entry ~88+ nats below the
-    row maximum in float32) or nothing is kept, and the caller then takes the slow, exact path."""
+    Also returns the kept mass sum(e): 0 in a row where it underflows (every kept entry ~86+ nats below the
+    row maximum in float32, see ``_exp_or_zero``) or nothing is kept, and the caller then takes the slow,
+    exact path."""
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, index: torch.Tensor):
         m = s.amax(dim=1, keepdim=True)
-        e = torch.exp(s - m).scatter_(1, index, 0.0)
+        e = _exp_or_zero(s - m).scatter_(1, index, 0.0)
         total = e.sum(dim=1)
-        ctx.save_for_backward(e, total)
+        ctx.save_for_backward(e.div_(total[:, None]))  # rows with total 0 are not used: the caller falls back
         return m.squeeze(1) + total.log(), total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value, _grad_total):
-        e, total = ctx.saved_tensors
-        return e * (grad_value / total)[:, None], None
+        (softmax,) = ctx.saved_tensors
+        return softmax * grad_value[:, None], None
 
 
 def _logsumexp_excluding(s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -186,7 +221,7 @@ def item_log_prob(logits: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     _check_logits(logits)
     _check_index(logits, items, "items")
     s = _upcast(logits)
-    return s.gather(1, items) - torch.logsumexp(s, dim=1, keepdim=True)
+    return s.gather(1, items) - torch.logsumexp(_raise_far_below_max(s), dim=1, keepdim=True)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -277,8 +277,55 @@ def test_logsumexp_excluding_matches_autograd_and_survives_underflow():
     assert abs(float(value[0].detach()) - math.log(math.exp(-200.0) + math.exp(-201.0))) < 1e-4
     (grad_far,) = torch.autograd.grad(value[0], far)
     torch.testing.assert_close(grad_far[0], torch.tensor([0.0, 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))]))
+    # kept mass ~1e-37 of the excluded maximum and a large incoming gradient: the gradient is the kept
+    # entries' softmax times it (scaling by 1 / kept mass first overflowed float32 to inf)
+    tiny_mass = torch.tensor([[0.0, -85.0, -85.5]]).requires_grad_(True)
+    (grad_tiny,) = torch.autograd.grad(1e3 * _logsumexp_excluding(tiny_mass, torch.tensor([[0]])).sum(), tiny_mass)
+    torch.testing.assert_close(grad_tiny[0], 1e3 * torch.tensor([0.0, 1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5))]))
     nothing = torch.zeros(1, 3, requires_grad=True)
     value = _logsumexp_excluding(nothing, torch.tensor([[0, 1, 2]]))
     assert torch.isfinite(value).all() and float(value.detach()) < -1e30
     (grad_nothing,) = torch.autograd.grad(value.sum(), nothing)
     assert torch.isfinite(grad_nothing).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_or_zero_is_exp_above_the_normal_range_and_zero_below(dtype):
+    from rag_capg.policy import _exp_or_zero
+
+    floor = math.log(torch.finfo(dtype).tiny) + 1.0
+    x = torch.tensor([0.0, -1.0, -50.0, floor + 0.01, floor - 0.01, -1000.0, float("-inf")], dtype=dtype)
+    want = torch.where(x < floor, torch.zeros_like(x), torch.exp(x.double()).to(dtype))
+    assert torch.equal(_exp_or_zero(x.clone()), want)
+    assert torch.equal(_exp_or_zero(x[:4].clone()), torch.exp(x[:4]))  # the path with nothing below
+    # under autograd: out of place, the gradient of exp where kept and 0 where set to 0
+    y = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_exp_or_zero(y).sum(), y)
+    assert torch.equal(grad, want) and torch.equal(y.detach(), x)
+
+
+def test_log_probs_of_a_sharp_policy_match_float64():
+    # (CA-PG's log P as well: it lives in rag_capg.inclusion but shares these normalisers.)
+    # A logit range of +-400 puts most entries hundreds of nats below each row's maximum, where float32 exp is
+    # subnormal or 0 (and slow); the normalisers must still be right and the gradients finite.
+    g = torch.Generator().manual_seed(11)
+    s64 = torch.randn(6, 300, generator=g, dtype=torch.float64) * 150
+    items = torch.stack([torch.randperm(300, generator=g)[:3] for _ in range(6)])
+    items[:, 0] = s64.argmax(dim=1)
+    lists = deterministic_top_k(s64, 5)
+    from rag_capg.inclusion import log_inclusion_prob
+
+    def log_p_approx(x, idx):
+        return log_inclusion_prob(x, idx, 5)
+
+    for fn, idx in ((item_log_prob, items), (plackett_luce_log_prob, lists), (log_p_approx, items)):
+        x = s64.float().requires_grad_(True)
+        got = fn(x, idx)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        y = s64.float().double().requires_grad_(True)  # the same (float32-rounded) logits, in float64
+        want = fn(y, idx)
+        (want_grad,) = torch.autograd.grad(want.sum(), y)
+        torch.testing.assert_close(got.double(), want.detach(), atol=1e-3, rtol=1e-5)
+        assert torch.isfinite(grad).all()
+        # float32 log-space sums at |logits| ~ 400 carry ~3e-5 absolute error: the bar is float32's, not exact
+        torch.testing.assert_close(grad.double(), want_grad, atol=1e-4, rtol=1e-3)
