@@ -13,6 +13,7 @@ per-round block means.
     python eval/bench_step_time_sim.py                         # K=20 with L=1 and L=5, all estimators
     python eval/bench_step_time_sim.py --configs 20:1 --rounds 20 --block 50
     python eval/bench_step_time_sim.py --baseline 593b1e7 --estimators top1 capg capg_exact   # before/after
+    python eval/bench_step_time_sim.py --init-std 3       # a sharp policy (see --help)
 
 ``--baseline COMMIT`` also times the policy / inclusion / estimators modules of that commit (read with
 ``git show``, patched into the same ``train_step``), interleaved with the current ones: a before/after
@@ -59,10 +60,11 @@ def load_baseline(commit: str):
     return estimators.surrogate_loss, policy.sample_plackett_luce
 
 
-def make_stepper(env, estimator: str, k: int, num_picks: int, batch_size: int, seed: int, modules=CURRENT):
+def make_stepper(env, estimator: str, k: int, num_picks: int, batch_size: int, seed: int, modules=CURRENT,
+                 init_std: float = 1.0):
     init_g = torch.Generator().manual_seed(seed)
     train_g = torch.Generator().manual_seed(10_000 + seed)
-    esr = TwoTowerESR(env.num_users, env.num_items, 10, 1.0, generator=init_g)
+    esr = TwoTowerESR(env.num_users, env.num_items, 10, init_std, generator=init_g)
     opt = torch.optim.Adagrad(esr.parameters(), lr=DEFAULT_LR[estimator])
 
     def steps(n: int) -> float:
@@ -79,10 +81,10 @@ def make_stepper(env, estimator: str, k: int, num_picks: int, batch_size: int, s
 
 
 def bench(env, estimators: list[str], k: int, num_picks: int, *, batch_size: int, rounds: int, block: int,
-          warmup: int, seed: int, baseline=None) -> dict[str, dict[str, float]]:
-    steppers = {e: make_stepper(env, e, k, num_picks, batch_size, seed) for e in estimators}
+          warmup: int, seed: int, baseline=None, init_std: float = 1.0) -> dict[str, dict[str, float]]:
+    steppers = {e: make_stepper(env, e, k, num_picks, batch_size, seed, init_std=init_std) for e in estimators}
     if baseline is not None:
-        steppers |= {f"{e} @baseline": make_stepper(env, e, k, num_picks, batch_size, seed, baseline)
+        steppers |= {f"{e} @baseline": make_stepper(env, e, k, num_picks, batch_size, seed, baseline, init_std)
                      for e in estimators}
     for s in steppers.values():
         s(warmup)
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.set_num_threads (0 = torch's default; more than 1 thread on a busy machine can "
                          "be 20x slower)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-std", type=float, default=1.0,
+                    help="std of the ESR's initial embeddings; logits scale with its square: 3 gives the sharp "
+                         "policy of late training at high learning rates (logits spanning several hundred nats)")
     ap.add_argument("--baseline", default=None, help="a git commit whose modules to time as well (before/after)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.machine()} {platform.processor() or ''} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | python {platform.python_version()}")
-    print(f"batch {args.batch_size}, {args.rounds} interleaved rounds x {args.block} steps per estimator "
+    print(f"ESR init std {args.init_std}; batch {args.batch_size}, {args.rounds} interleaved rounds x {args.block} steps per estimator "
           f"(ratio = median over rounds of block time / TOP1's block time in the same round)\n")
     baseline = load_baseline(args.baseline) if args.baseline else None
     env = make_env(seed=0)
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         k, num_picks = (int(x) for x in cfg.split(":"))
         t0 = time.perf_counter()
         res = bench(env, args.estimators, k, num_picks, batch_size=args.batch_size, rounds=args.rounds,
-                    block=args.block, warmup=args.warmup, seed=args.seed, baseline=baseline)
+                    block=args.block, warmup=args.warmup, seed=args.seed, baseline=baseline, init_std=args.init_std)
         print(f"K={k} L={num_picks}  ({time.perf_counter() - t0:.0f} s)")
         print("| estimator | ms/step | s per 1K steps | ratio to TOP1 (median) | per-round range |")
         print("|---|---|---|---|---|")
