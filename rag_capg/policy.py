@@ -138,12 +138,13 @@ def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
     of the corpus there, turning a 0.05 ms pass into 3-5 ms. Costs one compare and one host sync when
     nothing is that low. In place when x needs no gradient (a fresh temporary)."""
     floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
-    low = x < floor
-    if not bool(low.any()):
+    keep = x >= floor
+    if bool(keep.all()):
         return x.exp() if x.requires_grad else x.exp_()
+    # zeroed by a multiply: masked_fill_ is a data-dependent scalar loop here, 0.36 ms against 0.12
     if x.requires_grad:
-        return x.clamp_min(floor).exp().masked_fill(low, 0.0)
-    return x.clamp_min_(floor).exp_().masked_fill_(low, 0.0)
+        return x.clamp_min(floor).exp() * keep
+    return x.clamp_min_(floor).exp_().mul_(keep)
 
 
 def _raise_far_below_max(s: torch.Tensor) -> torch.Tensor:
