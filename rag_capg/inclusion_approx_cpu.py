@@ -34,7 +34,7 @@ import numba
 import numpy as np
 import torch
 
-from rag_capg.policy import _exp_or_zero
+from rag_capg.policy import _exp_or_zero, _min_exact_mass
 
 __all__ = ["approx_inclusion_cpu"]
 
@@ -105,17 +105,20 @@ def _forward(s, top, items, tail, log_p, value, d_top, d_pick, d_tail):  # pragm
 
 
 @numba.njit(cache=True, nogil=True)
-def _backward(grad_value, d_top, d_pick, d_tail, e, top, items, grad):  # pragma: no cover - compiled
-    """grad (B, N) = d loss / d logits for an incoming grad_value (B, L)."""
+def _backward(grad_value, d_top, d_pick, d_e, e, top, items, tiny, grad):  # pragma: no cover - compiled
+    """grad (B, N) = d loss / d logits for an incoming grad_value (B, L); d_e (B, L): d value / d e_j, the
+    derivative with respect to one tail weight as stored in e. Tail gradients below ``tiny`` (the smallest
+    normal float of grad's dtype) are written as 0: subnormal gradients slow down every later product."""
     B, N = e.shape
     K = top.shape[1]
     L = items.shape[1]
     for b in range(B):
         coef_tail = 0.0
         for l in range(L):
-            coef_tail += grad_value[b, l] * d_tail[b, l]
+            coef_tail += grad_value[b, l] * d_e[b, l]
         for j in range(N):  # e is 0 on the top-K, so this is the tail items' gradient
-            grad[b, j] = e[b, j] * coef_tail
+            v = e[b, j] * coef_tail
+            grad[b, j] = v if abs(v) >= tiny else 0.0
         for i in range(K):
             acc = 0.0
             for l in range(L):
@@ -127,14 +130,14 @@ def _backward(grad_value, d_top, d_pick, d_tail, e, top, items, grad):  # pragma
 
 class _ApproxInclusion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, top, items, e, tail, log_p):
+    def forward(ctx, s, top, items, e, tail, e_scale, log_p):
         B, L = items.shape
         K = top.shape[1]
         value = np.empty((B, L))
         d_top, d_pick, d_tail = np.empty((B, L, K)), np.empty((B, L)), np.empty((B, L))
         _forward(s.detach().numpy(), top.numpy(), items.numpy(), tail.numpy(), log_p, value, d_top, d_pick, d_tail)
         ctx.save_for_backward(e, top, items)
-        ctx.partials = (d_top, d_pick, d_tail)
+        ctx.partials = (d_top, d_pick, d_tail * e_scale.numpy()[:, None])  # T = e_scale * sum(e): d/de_j
         return torch.from_numpy(value)
 
     @staticmethod
@@ -143,21 +146,36 @@ class _ApproxInclusion(torch.autograd.Function):
         e, top, items = ctx.saved_tensors
         grad = np.empty(tuple(e.shape), dtype=e.numpy().dtype)
         _backward(grad_value.double().contiguous().numpy(), *ctx.partials, e.numpy(), top.numpy(), items.numpy(),
-                  grad)
-        return torch.from_numpy(grad), None, None, None, None, None
+                  float(torch.finfo(e.dtype).tiny), grad)
+        return torch.from_numpy(grad), None, None, None, None, None, None
 
 
 def approx_inclusion_cpu(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor, *,
                          log_p: bool) -> torch.Tensor | None:
     """log P_approx(a in S) (log_p=True) or log(1 - P_approx(a in S)), (B, L) float64, for float32/64 CPU
     logits s (B, N) and their top-K ``top`` (B, K, best first). None where the fast path does not apply
-    (the tail mass underflows in some row, or K = N): the caller then runs the torch reference."""
+    (K = N: no tail; NaN logits): the caller then runs the torch reference."""
     s = s.contiguous()  # outside no_grad: a copy must stay in the graph
     with torch.no_grad():
         top = top.to(torch.int64).contiguous()
         items = items.to(torch.int64).contiguous()
-        e = _exp_or_zero(s - s.gather(1, top[:, :1])).scatter_(1, top, 0.0)  # tail weights / row maximum
+        row_max = s.gather(1, top[:, :1])
+        e = _exp_or_zero(s - row_max).scatter_(1, top, 0.0)  # tail weights / row maximum
         tail = e.sum(dim=1)
-        if not bool((tail > 0).all()):  # one host sync; NaN or an empty / underflowed tail fails it too
+        e_scale = torch.ones(s.shape[0], dtype=torch.float64)
+        small = tail < _min_exact_mass(e.dtype, e.shape[1])  # NaN compares false: caught below
+        if bool(small.any()):
+            # The tail lies far below the top-K (a sharp policy): weigh it from its own maximum, exactly, and
+            # carry the scale exp(tail max - row max) in float64, where it does not underflow before ~700 nats.
+            rows = small.nonzero().squeeze(1)
+            tail_logits = s[rows].scatter(1, top[rows], float("-inf"))
+            tail_max = tail_logits.amax(dim=1, keepdim=True)
+            if not bool(torch.isfinite(tail_max).all()):  # K = N (nothing in the tail)
+                return None
+            e[rows] = _exp_or_zero(tail_logits - tail_max)
+            tail[rows] = e[rows].sum(dim=1)
+            e_scale[rows] = (tail_max - row_max[rows]).squeeze(1).double().exp()
+        tail = tail.double() * e_scale  # T relative to the row maximum, float64
+        if not bool(torch.isfinite(tail).all()):  # NaN logits
             return None
-    return _ApproxInclusion.apply(s, top, items, e, tail, log_p)
+    return _ApproxInclusion.apply(s, top, items, e, tail, e_scale, log_p)

@@ -127,17 +127,30 @@ def deterministic_top_k(logits: torch.Tensor, k: int, *, mask: torch.Tensor | No
     return _top_k_allowed(logits.detach(), k, mask, None)
 
 
-def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """exp(x), with every entry less than one nat above log(smallest normal float) set to 0 (below -86.3 in
-    float32, -707.4 in float64: weights under 3e-38 and 6e-308).
+def _negligible_log_weight(dtype: torch.dtype) -> float:
+    """Log-weight, relative to a row's maximum, below which an item is dropped from sums of exp: 20 nats above
+    log(smallest normal float), i.e. -67.3 in float32 (2e-29) and -688.4 in float64.
 
-    Used for logits minus their row maximum. Down there exp is (nearly) subnormal or 0 anyway, but torch's
-    vectorised CPU exp falls back to a scalar path for such lanes: 100-250x slower per element on our box
-    (-inf: 25x; the lanes right at the floor are slow too, hence the nat of margin), and a sharp policy
-    (a logit range of a few hundred, as the synthetic benchmark reaches at high learning rates) puts most
-    of the corpus there, turning a 0.05 ms pass into 3-5 ms. Costs one compare and one host sync when
-    nothing is that low. In place when x needs no gradient (a fresh temporary)."""
-    floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
+    Why drop anything: torch's vectorised CPU exp falls back to a scalar path for inputs near and below
+    log(smallest normal): 100-250x slower per element on our box (-inf: 25x), and a sharp policy (a logit
+    range of a few hundred, as the synthetic benchmark reaches at high learning rates) puts most of the corpus
+    there, turning a 0.05 ms pass into 3-5 ms. And weights that small turn into subnormal numbers in the
+    gradient (weight x incoming gradient), which made the matmul of the backward pass 2.5x slower.
+    Why it is safe: such a weight is 50 nats below float32's resolution of any sum that holds the maximum."""
+    return math.log(torch.finfo(dtype).tiny) + 20.0
+
+
+def _min_exact_mass(dtype: torch.dtype, n: int) -> float:
+    """Smallest sum of ``_exp_or_zero`` weights (relative to the row maximum) that the dropped ones cannot
+    disturb: n dropped items weigh at most n exp(floor), which must stay below the dtype's resolution of the
+    sum. Below it (kept items all far below an excluded maximum) callers take an exact path instead."""
+    return n * math.exp(_negligible_log_weight(dtype)) / torch.finfo(dtype).eps
+
+
+def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for logits minus their row maximum, with the entries below ``_negligible_log_weight`` set to 0.
+    Costs one compare and one host sync when nothing is that low. In place when x needs no gradient."""
+    floor = _negligible_log_weight(x.dtype)
     keep = x >= floor
     if bool(keep.all()):
         return x.exp() if x.requires_grad else x.exp_()
@@ -148,15 +161,14 @@ def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def _raise_far_below_max(s: torch.Tensor) -> torch.Tensor:
-    """s with every logit more than 86 - log N nats (float32; 707 - log N in float64) below its row maximum
-    raised to that level, so that torch.logsumexp never meets ``_exp_or_zero``'s slow lanes: not in forward
-    (exp(s - max)) nor in backward (exp(s - logsumexp), up to log N lower). Those items weigh < N * 3e-38 of
-    the maximum: the normaliser moves by at most N^2 times that, and their gradient, as small, stays as
-    small (``_RaiseTo`` passes it through as taken at the raised value, because the backward of
+    """s with every logit more than ``-_negligible_log_weight`` - log N nats below its row maximum raised to
+    that level, for torch.logsumexp: its forward takes exp(s - max) and its backward exp(s - logsumexp), up
+    to log N lower, and neither should meet exp's slow lanes. The raised items weigh < N * 2e-29 of the
+    maximum (float32): the normaliser moves by at most N^2 times that, and their gradient, as small, stays
+    as small (``_RaiseTo`` passes it through as taken at the raised value, because the backward of
     ``torch.maximum`` alone costs 0.7 ms at 128 x 1,000). Costs two reductions and one host sync when no
     row spans that range."""
-    floor = s.amax(dim=1, keepdim=True).detach() + (math.log(torch.finfo(s.dtype).tiny) + 1.0
-                                                    + math.log(max(s.shape[1], 1)))
+    floor = s.amax(dim=1, keepdim=True).detach() + (_negligible_log_weight(s.dtype) + math.log(max(s.shape[1], 1)))
     if not bool((s.detach().amin(dim=1, keepdim=True) < floor).any()):
         return s
     return _RaiseTo.apply(s, floor)
@@ -183,9 +195,9 @@ class _LogSumExpExcluding(torch.autograd.Function):
     overflowed to inf when the kept mass was subnormal, which stopped V-PG at learning rate 1 after 178
     steps of the synthetic benchmark). Autograd through ``logsumexp(s.scatter(...))`` costs two exp passes,
     a copy and a fill of the (B, N) logits, which made this the largest part of CA-PG's extra time over TOP1.
-    Also returns the kept mass sum(e): 0 in a row where it underflows (every kept entry ~86+ nats below the
-    row maximum in float32, see ``_exp_or_zero``) or nothing is kept, and the caller then takes the slow,
-    exact path."""
+    Also returns the kept mass sum(e): where it is below ``_min_exact_mass`` (the kept entries all lie ~40+
+    nats below an excluded maximum in float32, or nothing is kept) the caller takes the exact path,
+    relative to the kept entries' own maximum."""
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, index: torch.Tensor):
@@ -206,7 +218,7 @@ def _logsumexp_excluding(s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log sum_{j not in index[b]} exp(s_bj), shape (B,). Rows where nothing is left give a huge negative
     finite number rather than -inf, so that autograd never meets exp(-inf - -inf) = NaN."""
     value, total = _LogSumExpExcluding.apply(s, index)
-    if bool((total > 0).all()):  # one host sync; almost always true
+    if bool((total >= _min_exact_mass(s.dtype, s.shape[1])).all()):  # one host sync; almost always true
         return value
     # a sharp policy lands here for V-PG's never-drawn mass; the raise keeps torch's exp off its slow lanes
     very_negative = torch.finfo(s.dtype).min / 4

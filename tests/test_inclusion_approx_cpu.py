@@ -67,13 +67,31 @@ def test_fused_gradient_matches_finite_differences(log_p):
     assert torch.autograd.gradcheck(f, (s.requires_grad_(True),), eps=1e-6, atol=1e-8)
 
 
-def test_underflowing_tail_and_full_list_fall_back_to_the_reference():
-    s = torch.tensor([[0.0, -1.0, -200.0, -300.0], [0.0, 1.0, 2.0, 3.0]])
-    top = top_k_indices(s, 2)
-    assert approx_inclusion_cpu(s, top, top[:, :1], log_p=True) is None  # row 0's tail is 0 in float32
-    assert approx_inclusion_cpu(s[1:], top_k_indices(s[1:], 4), top[1:, :1], log_p=True) is None  # K = N
+@pytest.mark.parametrize("log_p", [True, False])
+def test_a_tail_far_below_the_top_k_is_weighed_exactly(log_p):
+    # Row 0's tail sits 200-300 nats below its top-2: exp(s - max) is 0 in float32, so the fused path weighs
+    # it from its own maximum. Float32 logits against the float64 torch reference on the same values.
+    s = torch.tensor([[0.0, -1.0, -200.0, -300.0, -250.0], [0.0, 1.0, 2.0, 3.0, 2.5], [5.0, -60.0, -61.0, -75.0, 4.0]])
+    items = torch.tensor([[1, 2], [0, 3], [4, 1]])
+    k = 2
     x = s.clone().requires_grad_(True)
-    got = inclusion.log_inclusion_prob(x, torch.tensor([[2], [0]]), 2)
-    assert torch.isfinite(got).all()
-    got.sum().backward()
-    assert torch.isfinite(x.grad).all()
+    got = approx_inclusion_cpu(x, top_k_indices(x, k), items, log_p=log_p)
+    assert got is not None
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    y = s.double().requires_grad_(True)
+    want = inclusion._log_one_minus_approx_torch(y, top_k_indices(y, k), items, k)
+    want = torch.log(-torch.expm1(want)) if log_p else want
+    (want_grad,) = torch.autograd.grad(want.sum(), y)
+    torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
+    # log(1 - P): relative, down to the tail items' ~1e-29 gradients of row 2 (row 0's, ~1e-87, are 0 in
+    # float32). log P of row 2's top pick: 1 - P ~ e^-64, so its gradient is ~1e-28, which the reference's
+    # log(-expm1(.)) rounds to 0 and the fused path keeps: compared in absolute terms.
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-27 if log_p else 1e-35, rtol=1e-4)
+
+
+def test_full_list_falls_back_to_the_reference():
+    s = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert approx_inclusion_cpu(s, top_k_indices(s, 4), torch.tensor([[0]]), log_p=True) is None  # K = N
+    x = s.clone().requires_grad_(True)
+    got = inclusion.log_inclusion_prob(x, torch.tensor([[2]]), 4)
+    assert float(got.detach()) == 0.0  # the list holds every item
