@@ -137,7 +137,9 @@ class _ApproxInclusion(torch.autograd.Function):
         d_top, d_pick, d_tail = np.empty((B, L, K)), np.empty((B, L)), np.empty((B, L))
         _forward(s.detach().numpy(), top.numpy(), items.numpy(), tail.numpy(), log_p, value, d_top, d_pick, d_tail)
         ctx.save_for_backward(e, top, items)
-        ctx.partials = (d_top, d_pick, d_tail * e_scale.numpy()[:, None])  # T = e_scale * sum(e): d/de_j
+        if e_scale is not None:  # T = e_scale * sum(e): d value / d e_j
+            d_tail *= e_scale.numpy()[:, None]
+        ctx.partials = (d_top, d_pick, d_tail)
         return torch.from_numpy(value)
 
     @staticmethod
@@ -162,20 +164,19 @@ def approx_inclusion_cpu(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor
         row_max = s.gather(1, top[:, :1])
         e = _exp_or_zero(s - row_max).scatter_(1, top, 0.0)  # tail weights / row maximum
         tail = e.sum(dim=1)
-        e_scale = torch.ones(s.shape[0], dtype=torch.float64)
-        small = tail < _min_exact_mass(e.dtype, e.shape[1])  # NaN compares false: caught below
+        e_scale = None
+        small = ~(tail >= _min_exact_mass(e.dtype, e.shape[1]))  # and NaN: its tail maximum is not finite
         if bool(small.any()):
             # The tail lies far below the top-K (a sharp policy): weigh it from its own maximum, exactly, and
             # carry the scale exp(tail max - row max) in float64, where it does not underflow before ~700 nats.
             rows = small.nonzero().squeeze(1)
             tail_logits = s[rows].scatter(1, top[rows], float("-inf"))
             tail_max = tail_logits.amax(dim=1, keepdim=True)
-            if not bool(torch.isfinite(tail_max).all()):  # K = N (nothing in the tail)
+            if not bool(torch.isfinite(tail_max).all()):  # K = N (nothing in the tail), or NaN logits
                 return None
             e[rows] = _exp_or_zero(tail_logits - tail_max)
             tail[rows] = e[rows].sum(dim=1)
+            e_scale = torch.ones(s.shape[0], dtype=torch.float64)
             e_scale[rows] = (tail_max - row_max[rows]).squeeze(1).double().exp()
-        tail = tail.double() * e_scale  # T relative to the row maximum, float64
-        if not bool(torch.isfinite(tail).all()):  # NaN logits
-            return None
+        tail = tail.double() if e_scale is None else tail.double() * e_scale  # T / row maximum, float64
     return _ApproxInclusion.apply(s, top, items, e, tail, e_scale, log_p)
