@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.machine()} {platform.processor() or ''} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | python {platform.python_version()}")
-    print(f"ESR init std {args.init_std}; batch {args.batch_size}, {args.rounds} interleaved rounds x {args.block} steps per estimator "
-          f"(ratio = median over rounds of block time / TOP1's block time in the same round)\n")
+    print(f"ESR init std {args.init_std}; batch {args.batch_size}, {args.rounds} interleaved rounds x "
+          f"{args.block} steps per estimator (ratio = median over rounds of block time / TOP1's block time in "
+          f"the same round)\n")
     baseline = load_baseline(args.baseline) if args.baseline else None
     env = make_env(seed=0)
     for cfg in args.configs:

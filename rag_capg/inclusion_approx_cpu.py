@@ -5,12 +5,13 @@
     log(1 - P_approx(a in S)) = -sum_{i=1..K} log1p(w_a / R_i),     and log P = log(-expm1(that)),
 
 R_i = the weight left after removing a and the first i-1 of the other top items: "tail + suffix sum of
-the top-K weights with a's entry zeroed" (see ``inclusion._log_one_minus_approx_torch``). Written with torch ops under autograd it is
-~25 small (B, L, K) operations forward and as many backward, plus a gather backward that zero-fills and
-scatters a (B, N) gradient and another (B, N) add to accumulate it: at K = 20, B = 128, N = 1,000 that
-was most of CA-PG's extra time over TOP1. Here the (B, N) work is what must be: one exp pass for the
-tail mass (torch, vectorised) in forward, one scaled copy of it in backward; everything small is one
-numba loop that also writes the partial derivatives, so the backward pass is a second loop.
+the top-K weights with a's entry zeroed" (see ``inclusion._log_one_minus_approx_torch``). Written with
+torch ops under autograd it is ~25 small (B, L, K) operations forward and as many backward, plus a
+gather backward that zero-fills and scatters a (B, N) gradient and another (B, N) add to accumulate it:
+at K = 20, B = 128, N = 1,000 that was most of CA-PG's extra time over TOP1. Here the (B, N) work is
+what must be: one exp pass for the tail mass (torch, vectorised) in forward, one scaled copy of it in
+backward; everything small is one numba loop that also writes the partial derivatives, so the backward
+pass is a second loop.
 
 Derivatives (all weights relative to the row maximum m, u_j = exp(s_j - m); the value depends only on
 ratios of weights, so holding m fixed gives the exact gradient):

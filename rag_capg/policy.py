@@ -149,7 +149,7 @@ def _min_exact_mass(dtype: torch.dtype, n: int) -> float:
 
 def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
     """exp(x) for logits minus their row maximum, with the entries below ``_negligible_log_weight`` set to 0.
-    Costs one compare and one host sync when nothing is that low. In place when x needs no gradient."""
+    Costs one reduction and one host sync when nothing is that low. In place when x needs no gradient."""
     floor = _negligible_log_weight(x.dtype)
     if not bool(x.detach().amin() < floor):  # one reduction, no (B, N) mask; NaN compares false either way
         return x.exp() if x.requires_grad else x.exp_()
