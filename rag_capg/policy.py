@@ -148,10 +148,11 @@ def _min_exact_mass(dtype: torch.dtype, n: int) -> float:
 
 
 def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for logits minus their row maximum, with the entries below ``_negligible_log_weight`` set to 0.
-    Costs one reduction and one host sync when nothing is that low. In place when x needs no gradient."""
+    """exp(x) for logits minus their row maximum, with the entries below ``_negligible_log_weight`` set to 0 on
+    CPU (a GPU's exp has no slow lanes, and a host sync would stall it: plain exp there). Costs one
+    reduction and one host sync when nothing is that low. In place when x needs no gradient."""
     floor = _negligible_log_weight(x.dtype)
-    if not bool(x.detach().amin() < floor):  # one reduction, no (B, N) mask; NaN compares false either way
+    if x.device.type != "cpu" or not bool(x.detach().amin() < floor):  # NaN compares false either way
         return x.exp() if x.requires_grad else x.exp_()
     keep = x >= floor
     # zeroed by a multiply: masked_fill_ is a data-dependent scalar loop here, 0.36 ms against 0.12
@@ -167,7 +168,9 @@ def _raise_far_below_max(s: torch.Tensor) -> torch.Tensor:
     maximum (float32): the normaliser moves by at most N^2 times that, and their gradient, as small, stays
     as small (``_RaiseTo`` passes it through as taken at the raised value, because the backward of
     ``torch.maximum`` alone costs 0.7 ms at 128 x 1,000). Costs two reductions and one host sync when no
-    row spans that range."""
+    row spans that range. CPU only, like ``_exp_or_zero``."""
+    if s.device.type != "cpu":
+        return s
     floor = s.amax(dim=1, keepdim=True).detach() + (_negligible_log_weight(s.dtype) + math.log(max(s.shape[1], 1)))
     if not bool((s.detach().amin(dim=1, keepdim=True) < floor).any()):
         return s
