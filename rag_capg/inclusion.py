@@ -190,7 +190,10 @@ def _binned_tail_rate(s: torch.Tensor, top: torch.Tensor, s_ref: torch.Tensor, l
         idx = pos.long().scatter_(1, top, num_bins)  # the top-(m+1) go to a discarded bin
         ones = torch.ones(1, 1, dtype=s.dtype, device=s.device).expand(B, N)
         counts = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add_(1, idx, ones)[:, :num_bins]
-    u = _exp_or_zero(s - s_bound.detach())  # <= 1 on the tail
+    # <= 1 on the tail. The top-(m+1), which go to the discarded bin, are capped at 1 too: a top logit ~710+
+    # nats above the bound overflowed exp to inf, and the discarded bin's zero gradient times inf was NaN
+    # (CA-PG-exact at Adagrad 0.3 stopped at step 12,161 of the synthetic benchmark).
+    u = _exp_or_zero((s - s_bound.detach()).clamp_max(0.0))
     w_bins = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add(1, idx, u)[:, :num_bins]
     # (B, 1, bins) * (B, L, 1): each row's bins scaled by that row's picks (not (1, B, bins), which would
     # broadcast row l's bins onto pick l of every row)
@@ -258,7 +261,9 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
     # w_ref = max(w_a, K-th largest other): the scale that makes the integrand smooth (no gradient needed)
     s_ref = torch.maximum(s_a, s_keep[..., k - 1]).detach()
     c = torch.exp(s_a - s_ref)  # (B, L), <= 1
-    r_keep = torch.exp(s_keep - s_ref[..., None])  # (B, L, m)
+    # (B, L, m). Capped at e^700: beyond it v^r is 0 at every node anyway, and an inf ratio (an item 710+ nats
+    # above the pick's scale) made exp's backward 0 * inf = NaN.
+    r_keep = torch.exp((s_keep - s_ref[..., None]).clamp_max(700.0))
 
     if use_tail:
         dropped = top[:, m]  # (B,): the (m+1)-th item, in the tail for picks outside the top-(m+1)

@@ -261,3 +261,24 @@ def test_invalid_arguments_raise():
         inclusion_prob_approx(s, torch.tensor([[0]]), 11)
     with pytest.raises(ValueError, match="outside"):
         inclusion_prob_exact(s, torch.tensor([[10]]), 2)
+
+
+def test_exact_stays_finite_when_the_top_logit_is_hundreds_of_nats_ahead():
+    # A policy late in training at a high learning rate: the best item ~720 nats above the rest, where
+    # exp(top - tail bound) overflows float64. Its log P is 0 and every gradient must be finite (it was NaN).
+    s = torch.randn(2, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 50
+    s[:, 0] = s[:, 1:].max(dim=1).values + 720.0
+    items = torch.tensor([[0], [1]])  # the runaway best item, and an ordinary one
+    x = s.clone().requires_grad_(True)
+    log_p = log_inclusion_prob(x, items, MC_K, method="exact", top_m=64)
+    (grad,) = torch.autograd.grad(log_p.sum(), x)
+    assert torch.isfinite(log_p).all() and torch.isfinite(grad).all()
+    assert float(log_p[0, 0].detach()) == 0.0
+    # the ordinary pick sees the runaway item as always drawn first, as it already is at 100 nats ahead
+    near = s.clone()
+    near[:, 0] = s[:, 1:].max(dim=1).values + 100.0
+    y = near.requires_grad_(True)
+    log_p_near = log_inclusion_prob(y, items, MC_K, method="exact", top_m=64)
+    (grad_near,) = torch.autograd.grad(log_p_near.sum(), y)
+    torch.testing.assert_close(log_p[1], log_p_near[1].detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad[1, 1:], grad_near[1, 1:], atol=1e-10, rtol=0)
