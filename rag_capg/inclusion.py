@@ -85,8 +85,8 @@ def _check(logits: torch.Tensor, items: torch.Tensor, k: int) -> None:
 def _approx(logits: torch.Tensor, items: torch.Tensor, k: int, *, log_p: bool) -> torch.Tensor:
     """log P_approx(a in S) (log_p=True) or log(1 - P_approx(a in S)), shape (B, L), float64.
 
-    On CPU (with numba) one fused autograd node (``rag_capg.inclusion_approx_cpu``); elsewhere, and where
-    a row's tail mass underflows, the torch expression below, which is also the reference in the tests.
+    On CPU (with numba) one fused autograd node (``rag_capg.inclusion_approx_cpu``); elsewhere, and for
+    K = N or NaN logits, the torch expression below, which is also the reference in the tests.
     log P is taken as log(-expm1(log(1 - P))), accurate even when P is tiny.
     """
     s = _upcast(logits)

@@ -114,8 +114,7 @@ def sample_plackett_luce(logits: torch.Tensor, k: int, *, mask: torch.Tensor | N
     ``mask`` (bool, (B, N), True = may not be drawn) removes items from the draw; it is an error if a row
     has fewer than k allowed items. ``generator`` (on the logits' device) makes the draw reproducible.
     """
-    s = _upcast(logits.detach())
-    _check_logits(s)
+    s = _upcast(logits.detach())  # (checked by _top_k_allowed, before anything is drawn from it)
     # -log(-log U) is Gumbel(0, 1); top-k of the perturbed scores, sorted, is a PL sample.
     u = torch.rand(s.shape, dtype=s.dtype, device=s.device, generator=generator)
     return _top_k_allowed(s, k, mask, u.clamp_min_(torch.finfo(s.dtype).tiny).log_().neg_().log_())
