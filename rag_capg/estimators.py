@@ -84,8 +84,8 @@ def _validate(estimator: str, logits: torch.Tensor, lists: torch.Tensor, picks: 
 
 
 def surrogate_loss(estimator: Estimator, logits: torch.Tensor, lists: torch.Tensor, picks: torch.Tensor,
-                   rewards: torch.Tensor, *, exact_nodes: int = 32, exact_top_m: int | None = 64,
-                   exact_tail: Literal["binned", "exact", "linear"] = "binned") -> torch.Tensor:
+                   rewards: torch.Tensor, *, exact_nodes: int = 20, exact_top_m: int | None = 23,
+                   exact_tail: Literal["exact", "linear"] = "exact") -> torch.Tensor:
     """Scalar surrogate loss whose gradient w.r.t. logits is minus the estimator's policy gradient.
 
     logits (B, N) float with grad; lists (B, K) sampled candidates (corpus indices, PL order);

@@ -24,24 +24,27 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
 
        P(a in S) = int_0^1 c v^(c-1) G(v) dv,   G(v) = Prob[ PB({1 - v^(w_j / w_ref)}) <= K-1 ].
 
-   Now only the <= K-1 items heavier than w_ref have exponents > 1, and G(v) = O(v) as v -> 0 whenever
-   c < 1 (the K heaviest others have all arrived), so c v^(c-1) G(v) stays bounded and smooth enough for
-   Gauss-Legendre (error ~1e-4 with 32 nodes across ranks in our checks). The integral is invariant to
-   w_ref, so w_ref is taken without gradient. The Poisson-binomial CDF truncated at K-1 is the O(N K)
-   dynamic programme over the others (state: Prob[count = 0..K-1]) for every (row, pick, node) at once,
-   in ``rag_capg.poisson_binomial``: a fused numba kernel on CPU that also returns the gradient (the
-   adjoint of the DP), the plain torch recurrence under autograd elsewhere.
-   (Caveat, measured: for a pick with P ~ 1, the quadrature's derivative w.r.t. c is
-   1 + sum_n w_n log v_n ~ 6e-4 at 32 nodes instead of 0; the clamp to [0, 1] hides it only when
-   round-off puts the sum at >= 1.)
+   Now only the <= K-1 items heavier than w_ref have exponents > 1, and c v^(c-1) G(v) stays bounded. Near
+   v = 0 it still behaves like a non-integer power of v, so the quadrature is Gauss-Legendre in y with
+   v = y^(3/2) (``_quadrature_01``): 20 nodes match 32 plain ones. The integral is invariant to w_ref, so
+   w_ref is taken without gradient. G is a Poisson-binomial CDF truncated at K-1: a dynamic programme over
+   the others (state: Prob[count = 0..K-1]) at every node.
+   (Caveat, measured: for a pick with P ~ 1, the quadrature's derivative w.r.t. c is 1 + sum_n w_n log v_n,
+   not exactly 0; the clamp to [0, 1] hides it only when round-off puts the sum at >= 1.)
 
-   ``top_m``: keep the m heaviest others exactly and replace the rest by one Poisson term (Le Cam). Its
-   rate is lambda(v) = sum_{tail} p_j(v), p_j(v) = 1 - v^(w_j/w_ref) (``tail="exact"``), or the linear
-   upper bound lambda(v) = -log v * sum_{tail} w_j / w_ref (``tail="linear"``: the tail is raced as one
-   Poisson process, i.e. drawn with replacement; O(1) per node instead of O(N)). Bias of the integrand at
-   each node: Le Cam gives TV <= sum_{tail} p_j(v)^2; the linear rate adds at most
-   sum_{tail} (p_j - lambda_j)  <= sum_{tail} (w_j log v / w_ref)^2 / 2. Since m >= K every tail weight is
-   <= w_ref, and in practice (tail weights << w_ref) the error is far below Monte-Carlo noise.
+   ``top_m``: the DP runs over the top_m + 1 heaviest items of the row (a's own slot, if a is one of them,
+   left empty: an item that never arrives), and the rest -- the tail -- enters as one term. With
+   p_j(v) = 1 - v^(w_j/w_ref), lambda = sum_tail p_j and s2 = sum_tail p_j^2, the tail's count is drawn
+   from exp(lambda (z - 1) - s2 (z - 1)^2 / 2) (``_tail_start``: the tail's generating function to second
+   order; Le Cam's Poisson(lambda) is first order, error <= s2, this one errs by O(sum p_j^3) and was
+   10-200x closer on the synthetic benchmark's logits). ``tail="linear"`` instead races the tail as one
+   Poisson process of rate sum_tail w_j / w_ref (drawn with replacement; O(1) per node; no second-order
+   term). Every tail weight is <= the kept ones', so with top_m >= K every p_j is below the K-th other's.
+
+   On CPU (numba, finite logits, ``tail="exact"``) all of it is one fused autograd node,
+   ``rag_capg.inclusion_exact_cpu``: the tail sums from the row's power sums instead of a pass over
+   (N, nodes) per pick, the DP and its adjoint per pick. ``_exact_torch`` is the same maths in torch ops
+   under autograd, for other devices and as the tests' reference.
 
 Everything is computed in float64 from the (upcast) logits and is differentiable by autograd. Top-k
 selections go through ``rag_capg.top_k.top_k_indices`` (``torch.topk``'s result, faster on CPU).
@@ -55,12 +58,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rag_capg.poisson_binomial import race_truncated_cdf, truncated_cdf
+from rag_capg.poisson_binomial import kernels_enabled, race_truncated_cdf
 from rag_capg.policy import _check_index, _check_logits, _exp_or_zero, _logsumexp_excluding, _upcast
 from rag_capg.top_k import top_k_indices
 
 try:  # numba ships with our ranx dependency
     from rag_capg.inclusion_approx_cpu import approx_inclusion_cpu
+    from rag_capg.inclusion_exact_cpu import exact_inclusion_cpu
 
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
@@ -138,162 +142,116 @@ def inclusion_prob_approx(logits: torch.Tensor, items: torch.Tensor, k: int) -> 
 # 2. Exact: exponential race + Gauss-Legendre + Poisson-binomial DP
 
 
+_NODE_POWER = 1.5
+
+
 @lru_cache(maxsize=16)
-def _gauss_legendre_01(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+def _quadrature_01(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights on [0, 1] for the race integral: Gauss-Legendre in y, then v = y^(3/2).
+
+    Near v = 0 the integrand behaves like v^alpha with a non-integer alpha (G(v) ~ v^(sum of the light
+    others' r_j), times c v^(c-1)); its derivatives blow up there and plain Gauss-Legendre converges slowly.
+    v = y^p turns that into y^(p (alpha + 1) - 1), smoother, at the cost of fewer nodes near v = 1, where the
+    heavy items' v^(r_j) are steep. p = 3/2 was best of 1 / 1.5 / 2 / 2.5 / 3 on the synthetic benchmark's
+    logits (eval/bench_exact_settings.py; eval/RESULTS.md): at 20 nodes it beats 32 plain nodes.
+    """
     x, w = np.polynomial.legendre.leggauss(num_nodes)
-    return (x + 1.0) / 2.0, w / 2.0  # nodes and weights on [0, 1]
+    y, w = (x + 1.0) / 2.0, w / 2.0
+    return y ** _NODE_POWER, w * _NODE_POWER * y ** (_NODE_POWER - 1.0)
 
 
-def _poisson_pmf_truncated(rate: torch.Tensor, k: int) -> torch.Tensor:
-    """Prob[Poisson(rate) = c] for c = 0..k-1, as a new last dimension (log-space, stable for any rate)."""
-    c = torch.arange(k, dtype=rate.dtype, device=rate.device)
-    rate = rate.clamp_min(_TINY)[..., None]
-    return torch.exp(c * torch.log(rate) - rate - torch.lgamma(c + 1.0))
+def _tail_start(lam: torch.Tensor, s2: torch.Tensor, k: int) -> torch.Tensor:
+    """The DP's starting distribution over counts 0..K-1 for a tail with sum p_j = lam and sum p_j^2 = s2,
+    (K, lam.numel()), count first (the layout the Poisson-binomial DP reads).
 
-
-def _poisson_pmf_columns(rate: torch.Tensor, k: int) -> torch.Tensor:
-    """``_poisson_pmf_truncated`` of the flattened rates with the count first, (K, rate.numel()): the
-    layout the Poisson-binomial DP reads, so no transposed copy is needed."""
-    c = torch.arange(k, dtype=rate.dtype, device=rate.device)[:, None]
-    rate = rate.reshape(1, -1).clamp_min(_TINY)
-    return torch.exp(c * torch.log(rate) - rate - torch.lgamma(c + 1.0))
-
-
-def _truncated_cdf(state: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Prob[count <= K-1] of the Poisson-binomial DP (``rag_capg.poisson_binomial``) in this module's layout.
-
-    state: (..., K) initial distribution of the count over 0..K-1 (one-hot at 0, or a Poisson tail);
-    probs: (M, ...) success probability of each item. Each item moves mass c -> c+1 with probability p;
-    mass pushed past K-1 is dropped (we only need the CDF at K-1). ``inclusion_prob_exact`` itself calls
-    ``race_truncated_cdf`` with log(1 - p_j(v)) = r_j log v, exact even where p rounds to 1.
-    """
-    flat_state = state.reshape(-1, state.shape[-1]).T  # (K, X)
-    log_q = torch.log1p(-probs).reshape(probs.shape[0], -1)
-    return truncated_cdf(log_q, flat_state).reshape(state.shape[:-1])
-
-
-def _binned_tail_rate(s: torch.Tensor, top: torch.Tensor, s_ref: torch.Tensor, log_v: torch.Tensor,
-                      *, width: float = 0.25, num_bins: int = 48) -> torch.Tensor:
-    """sum_{j in row tail} (1 - v^(r_j)) with the tail grouped into bins of ``width`` nats of logit.
-
-    A bin of n items with total relative weight W contributes n (1 - v^(W/n)): exact when its weights are
-    equal and, as 1 - v^r is concave in r, an upper bound off by <= (log v)^2 sum_j (r_j - W/n)^2 / 2
-    (within-bin ratios are <= e^width). Costs (B, L, bins, nodes) instead of (B, L, N, nodes). The last
-    bin collects everything lighter, where 1 - v^r ~ -r log v is linear and the grouping exact in the
-    limit. Rows: the items beyond the top-(m+1) (``top``); differentiable through W.
-    """
-    B, N = s.shape
-    with torch.no_grad():
-        s_bound = s.gather(1, top[:, -1:])  # the lightest kept logit: tail logits are <= it
-        pos = (s_bound - s).div_(width).floor_().clamp_(0, num_bins - 1)  # (B, N) bin of each item
-        pos.masked_fill_(~(s > float("-inf")), num_bins)  # weightless (-inf) and NaN items stay out
-        idx = pos.long().scatter_(1, top, num_bins)  # the top-(m+1) go to a discarded bin
-        ones = torch.ones(1, 1, dtype=s.dtype, device=s.device).expand(B, N)
-        counts = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add_(1, idx, ones)[:, :num_bins]
-    # <= 1 on the tail. The top-(m+1), which go to the discarded bin, are capped at 1 too: a top logit ~710+
-    # nats above the bound overflowed exp to inf, and the discarded bin's zero gradient times inf was NaN
-    # (CA-PG-exact at Adagrad 0.3 stopped at step 12,161 of the synthetic benchmark).
-    u = _exp_or_zero((s - s_bound.detach()).clamp_max(0.0))
-    w_bins = torch.zeros(B, num_bins + 1, dtype=s.dtype, device=s.device).scatter_add(1, idx, u)[:, :num_bins]
-    # (B, 1, bins) * (B, L, 1): each row's bins scaled by that row's picks (not (1, B, bins), which would
-    # broadcast row l's bins onto pick l of every row)
-    mean_r = (w_bins / counts.clamp_min(1.0))[:, None, :] * torch.exp(s_bound.detach() - s_ref)[..., None]
-    return _BinRate.apply(mean_r, counts, log_v)  # (B, L, n)
-
-
-class _BinRate(torch.autograd.Function):
-    """rate[b, l, n] = sum_k counts[b, k] (1 - v_n^(r[b, l, k])), with d rate / d r = -counts v^r log v.
-
-    Autograd through mul / expm1 / neg / mul / sum would make ~10 passes over the (B, L, bins, nodes)
-    tensor; here the forward is one expm1 and one contraction, and the backward reuses expm1 (v^r = e + 1)
-    in one more contraction. Same arithmetic as the plain expression, to round-off.
-    """
-
-    @staticmethod
-    def forward(ctx, mean_r: torch.Tensor, counts: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
-        e = torch.expm1(mean_r[..., None] * log_v)  # v^r - 1, (B, L, bins, n)
-        ctx.save_for_backward(e, counts, log_v)
-        return -torch.einsum("bk,blkn->bln", counts, e)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_rate: torch.Tensor):
-        e, counts, log_v = ctx.saved_tensors
-        g = grad_rate * log_v  # (B, L, n)
-        # sum_n g (e + 1) without forming e + 1
-        s = torch.einsum("blkn,bln->blk", e, g) + g.sum(dim=-1, keepdim=True)
-        return -counts[:, None, :] * s, None, None
+    The tail's generating function is prod_j (1 + p_j (z - 1)) = exp(sum_i (-1)^(i+1) S_i (z - 1)^i / i),
+    S_i = sum_j p_j^i. Keeping i = 1 is the Poisson(lam) of Le Cam (error <= S_2); keeping i = 2 as well,
+    exp(a0 + a1 z + a2 z^2) with a2 = -S_2 / 2, a1 = lam + S_2, a0 = -lam - S_2 / 2, errs by O(S_3) and
+    was 10-200x closer to the exact tail on the synthetic benchmark's logits (eval/RESULTS.md). Its
+    coefficients follow from f' = (a1 + 2 a2 z) f: f_0 = e^a0, (c + 1) f_{c+1} = a1 f_c + 2 a2 f_{c-1}. (It is
+    a signed measure: a coefficient can dip below 0 where the tail is far from Poisson; P is clamped.)
+    s2 = 0 gives the Poisson pmf exactly."""
+    lam, s2 = lam.reshape(-1), s2.reshape(-1)
+    a2, a1 = -0.5 * s2, lam + s2
+    f = [torch.exp(-lam - 0.5 * s2)]
+    if k > 1:
+        f.append(a1 * f[0])
+    for c in range(1, k - 1):
+        f.append((a1 * f[c] + 2.0 * a2 * f[c - 1]) / (c + 1))
+    return torch.stack(f)
 
 
 def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, num_nodes: int = 32,
-                         top_m: int | None = None,
-                         tail: Literal["binned", "exact", "linear"] = "binned") -> torch.Tensor:
+                         top_m: int | None = None, tail: Literal["exact", "linear"] = "exact") -> torch.Tensor:
     """Exact P(a in S_K) for each item (B, L) by the exponential race (module docstring). float64 (B, L).
 
-    num_nodes: Gauss-Legendre nodes on [0, 1] (32 gives ~1e-4 absolute error; 48-64 for tests).
-    top_m: if set (>= K), the m heaviest other items go through the exact DP and the rest through a
-    Poisson term of rate ``tail`` ("exact": sum of their p_j(v); "linear": their total weight times
-    -log v). None = all N-1 others exactly (O(N) loop; for small N and tests).
+    num_nodes: quadrature nodes on [0, 1] (20 gives ~1e-4 absolute error on the synthetic benchmark's
+    logits; 48-64 for tests).
+    top_m: if set (>= K), the race keeps the top_m + 1 heaviest items exactly (a's own slot, if it is one
+    of them, left empty) and the rest goes into a tail term: "exact", to second order in its p_j(v), or
+    "linear", one Poisson process of their total weight (module docstring). None = all N - 1 others
+    exactly. On CPU with finite logits and an exact tail: one fused node (``rag_capg.inclusion_exact_cpu``);
+    otherwise the torch expression ``_exact_torch``, which is also the reference in the tests.
     """
     _check(logits, items, k)
-    s = _upcast(logits).double()
+    if tail not in ("exact", "linear"):
+        raise ValueError(f"tail must be 'exact' or 'linear', got {tail!r}")
+    s = _upcast(logits)
     B, N = s.shape
     if k >= N:  # the list holds every item
-        return torch.ones(items.shape, dtype=s.dtype, device=s.device)
-    nodes, weights = (torch.as_tensor(a, dtype=s.dtype, device=s.device) for a in _gauss_legendre_01(num_nodes))
-    log_v = nodes.log()  # (n,)
-    s_a = s.gather(1, items)  # (B, L)
+        return torch.ones(items.shape, dtype=torch.float64, device=s.device)
     use_tail = top_m is not None and top_m + 1 < N
-    m = min(top_m, N - 1) if use_tail else N - 1
-    if use_tail and m < k:
+    if use_tail and top_m < k:
         raise ValueError(f"top_m must be >= k (the K heaviest others set the scale), got top_m={top_m}, k={k}")
-
+    nodes, weights = (torch.as_tensor(a, dtype=torch.float64, device=s.device) for a in _quadrature_01(num_nodes))
+    log_v = nodes.log()  # (n,)
     with torch.no_grad():
-        top = top_k_indices(s, m + 1)  # (B, m+1), best first
-        is_a = top[:, None, :] == items[:, :, None]  # (B, L, m+1)
-        in_top = is_a.any(dim=2)
-        # the m heaviest others: the top-(m+1) without a, or without its last item when a is not in it
-        pos = torch.arange(m + 1, device=s.device)
-        drop = torch.where(in_top[..., None], is_a, pos == m)
-        keep_pos = torch.argsort(drop.to(torch.int8), dim=2, stable=True)[..., :m]  # (B, L, m), sorted
-        keep = top.gather(1, keep_pos.reshape(B, -1)).reshape(keep_pos.shape)
-    s_keep = s.gather(1, keep.reshape(B, -1)).reshape(keep.shape)  # (B, L, m), descending
-    # w_ref = max(w_a, K-th largest other): the scale that makes the integrand smooth (no gradient needed)
-    s_ref = torch.maximum(s_a, s_keep[..., k - 1]).detach()
-    c = torch.exp(s_a - s_ref)  # (B, L), <= 1
-    # (B, L, m). Capped at e^700: beyond it v^r is 0 at every node anyway, and an inf ratio (an item 710+ nats
-    # above the pick's scale) made exp's backward 0 * inf = NaN.
-    r_keep = torch.exp((s_keep - s_ref[..., None]).clamp_max(700.0))
+        top = top_k_indices(s, top_m + 1 if use_tail else N)  # (B, M), best first
+    if _HAVE_NUMBA and kernels_enabled() and s.device.type == "cpu" and (tail == "exact" or not use_tail):
+        fused = exact_inclusion_cpu(s, top, items, k, log_v, weights)
+        if fused is not None:
+            return fused
+    return _exact_torch(s.double(), items, k, top, log_v, weights, tail if use_tail else None)
 
-    if use_tail:
-        dropped = top[:, m]  # (B,): the (m+1)-th item, in the tail for picks outside the top-(m+1)
-        s_dropped = s.gather(1, dropped[:, None])  # (B, 1)
-        out = ~in_top  # (B, L): a is itself in the row tail and must leave it; the dropped item joins
-        if tail == "linear":
+
+def _exact_torch(s: torch.Tensor, items: torch.Tensor, k: int, top: torch.Tensor, log_v: torch.Tensor,
+                 weights: torch.Tensor, tail: Literal["exact", "linear"] | None) -> torch.Tensor:
+    """``inclusion_prob_exact`` in torch ops under autograd (any device), given the top-M indices ``top``
+    (M > K) and the nodes; tail=None when ``top`` holds every item."""
+    s_a = s.gather(1, items)  # (B, L)
+    s_top = s.gather(1, top)  # (B, M), descending
+    is_a = top[:, None, :] == items[:, :, None]  # (B, L, M): a's own slot, which stays empty
+    with torch.no_grad():
+        # w_ref = max(w_a, K-th largest other): the scale that makes the integrand smooth (no gradient needed).
+        # The K-th largest other is the K-th of the row, or the (K+1)-th when a is among the top K.
+        kth = torch.where(is_a[..., :k].any(dim=2), s_top[:, k:k + 1], s_top[:, k - 1:k])
+        s_ref = torch.maximum(s_a, kth)
+    c = torch.exp(s_a - s_ref)  # (B, L), <= 1
+    # (B, L, M). Capped at e^700: beyond it v^r is 0 at every node anyway, and an inf ratio (an item 710+ nats
+    # above the pick's scale) made exp's backward 0 * inf = NaN.
+    r = torch.where(is_a, 0.0, torch.exp((s_top[:, None, :] - s_ref[..., None]).clamp_max(700.0)))
+
+    if tail is not None:
+        out = ~is_a.any(dim=2)  # (B, L): a is itself in the row tail and must leave it
+        if tail == "linear":  # one Poisson process: exactly Poisson, no second-order term
             log_tail = _logsumexp_excluding(s, top)  # (B,)
-            w_tail = (torch.exp(log_tail[:, None] - s_ref)
-                      + torch.where(out, torch.exp(s_dropped - s_ref) - c, 0.0)).clamp_min(0.0)
+            w_tail = (torch.exp(log_tail[:, None] - s_ref) - torch.where(out, c, 0.0)).clamp_min(0.0)
             rate = -w_tail[..., None] * log_v  # (B, L, n)
-        elif tail == "exact":
-            s_rest = s.scatter(1, top, float("-inf"))  # row tail: items beyond the top-(m+1)
-            r_rest = torch.exp(s_rest[:, None, :] - s_ref[..., None])  # (B, L, N), 0 for excluded
-            rate = -torch.expm1(r_rest[..., None] * log_v).sum(dim=2)  # (B, L, n)
-        elif tail == "binned":
-            rate = _binned_tail_rate(s, top, s_ref, log_v)
+            second = torch.zeros_like(rate)
         else:
-            raise ValueError(f"tail must be 'binned', 'exact' or 'linear', got {tail!r}")
-        if tail != "linear":  # a leaves the tail, the dropped (m+1)-th item joins it
-            r_dropped = torch.exp(s_dropped - s_ref)
-            rate = rate + torch.where(out[..., None], -torch.expm1(r_dropped[..., None] * log_v)
-                                      + torch.expm1(c[..., None] * log_v), 0.0)
-            rate = rate.clamp_min(0.0)
-        state = _poisson_pmf_columns(rate, k)  # (K, B*L*n): count first, columns ordered (b, l, node)
+            s_rest = s.scatter(1, top, float("-inf"))  # row tail: items beyond the top-M
+            r_rest = torch.exp(s_rest[:, None, :] - s_ref[..., None])  # (B, L, N), 0 for excluded
+            p_rest = -torch.expm1(r_rest[..., None] * log_v)  # (B, L, N, n): p_j(v) of every tail item
+            p_a = torch.where(out[..., None], -torch.expm1(c[..., None] * log_v), 0.0)  # a leaves the tail
+            rate = (p_rest.sum(dim=2) - p_a).clamp_min(0.0)
+            second = (p_rest.square().sum(dim=2) - p_a.square()).clamp_min(0.0)
+        state = _tail_start(rate, second, k)  # (K, B*L*n): count first, columns ordered (b, l, node)
     else:
-        state = torch.zeros(k, B * s_a.shape[1] * num_nodes, dtype=s.dtype, device=s.device)
+        state = torch.zeros(k, s_a.numel() * log_v.shape[0], dtype=s.dtype, device=s.device)
         state[0] = 1.0
 
     # G(v) at every node: the DP over the kept others, whose failure probabilities are 1 - p_j(v) = v^(r_j)
-    cdf = race_truncated_cdf(r_keep.reshape(-1, m).T, log_v, state).reshape(*s_a.shape, num_nodes)
+    cdf = race_truncated_cdf(r.reshape(-1, r.shape[-1]).T, log_v, state).reshape(*s_a.shape, log_v.shape[0])
     # Jacobian of q = v^c: dq = c v^(c-1) dv
     jacobian = torch.exp(torch.log(c)[..., None] + (c[..., None] - 1.0) * log_v)
     return ((weights * jacobian * cdf).sum(dim=-1)).clamp(0.0, 1.0)
@@ -301,7 +259,7 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
 
 def log_inclusion_prob(logits: torch.Tensor, items: torch.Tensor, k: int, *,
                        method: Literal["approx", "exact"] = "approx", num_nodes: int = 32,
-                       top_m: int | None = None, tail: Literal["binned", "exact", "linear"] = "binned") -> torch.Tensor:
+                       top_m: int | None = None, tail: Literal["exact", "linear"] = "exact") -> torch.Tensor:
     """log P(a in S_K), (B, L), float64. "approx" is computed as log(-expm1(log(1 - P))), accurate even
     when P is tiny; "exact" as the log of the quadrature (clamped away from 0)."""
     if method == "approx":

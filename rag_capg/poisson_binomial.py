@@ -33,7 +33,8 @@ Two implementations of the same arithmetic:
   * anywhere else (CUDA) or if numba is missing, the torch recurrence below, under autograd.
 ``race_truncated_cdf`` is the exponential race's special case log q_j = r_j log v_n (relative weight r_j,
 quadrature node v_n): it builds log q itself and hands back dF/dr directly.
-``RAG_CAPG_NO_NUMBA=1`` forces the torch path (the tests compare the two).
+``RAG_CAPG_NO_NUMBA=1`` forces the torch path, here and in ``inclusion.inclusion_prob_exact`` (the tests
+compare the two).
 """
 
 from __future__ import annotations
@@ -178,9 +179,13 @@ class _FusedRaceCDF(torch.autograd.Function):
         return grad_r, None, grad_out * d_state0, None
 
 
+def kernels_enabled() -> bool:
+    """Whether the numba kernels may run: numba imports and ``RAG_CAPG_NO_NUMBA`` is unset or 0."""
+    return _HAVE_NUMBA and os.environ.get("RAG_CAPG_NO_NUMBA", "") in ("", "0")
+
+
 def _use_kernel(*tensors: torch.Tensor) -> bool:
-    return (_HAVE_NUMBA and os.environ.get("RAG_CAPG_NO_NUMBA", "") in ("", "0")
-            and all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors))
+    return kernels_enabled() and all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
 
 
 def _need_grad(*tensors: torch.Tensor) -> bool:

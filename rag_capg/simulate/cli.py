@@ -66,10 +66,10 @@ class SimulateConfig:
                                                                          "vpg_swr"})
     lr_capg: float = field(default=DEFAULT_LR["capg"], metadata={"help": "Adagrad learning rate of capg, "
                                                                            "capg_exact and top1"})
-    exact_nodes: int = field(default=32, metadata={"help": "Gauss-Legendre nodes of capg_exact"})
-    exact_top_m: int | None = field(default=64, metadata={"help": "capg_exact: exact Poisson-binomial over "
-                                                                    "the top-M items, Poisson tail beyond "
-                                                                    "(none = the DP over all items)"})
+    exact_nodes: int = field(default=20, metadata={"help": "quadrature nodes of capg_exact"})
+    exact_top_m: int | None = field(default=23, metadata={"help": "capg_exact: the top_m + 1 heaviest items go "
+                                                                    "through the exact race, the rest through a "
+                                                                    "second-order tail term (none = all items)"})
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where the ESR and env live"})
     num_threads: int = field(default=1, metadata={"help": "torch intra-op CPU threads (0 = torch's default). "
                                                           "The model is tiny, so 1 is fastest, and on a busy "

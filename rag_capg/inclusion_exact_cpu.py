@@ -1,0 +1,488 @@
+"""CA-PG-exact's inclusion probability on CPU: one autograd node, numba kernels.
+
+``rag_capg.inclusion.inclusion_prob_exact`` (``tail="exact"``, a ``top_m``) computes, per row b and pick a,
+
+    P(a in S) = sum_n w_n c v_n^(c-1) F_n,
+    F_n = Prob[ Poisson(lambda_n) + PoissonBinomial({1 - v_n^(r_j)}_{j kept}) <= K-1 ],
+    lambda_n = sum_{j in the tail, j != a} (1 - v_n^(r_j)),
+
+over Gauss-Legendre nodes v_n with weights w_n, where r_j = w_j / w_ref, c = w_a / w_ref, the kept items
+are the row's M = top_m + 1 heaviest (a's own slot, if a is one of them, gets r = 0: an item that never
+arrives) and the tail is everything else. Written in torch ops under autograd that is ~40 operations
+each way, a Poisson-binomial kernel, and a tail rate over (B, L, N, nodes): ~11 ms for 128 picks at
+N = 1,000, K = 20 (4x a whole TOP1 step). Here:
+
+1. ``_prepare`` (numba): per pick, the ratios r_j of the kept slots, c and rho (below).
+2. torch: q_jn = v_n^(r_j) = exp(r_j log v_n) for every slot and node (one vectorised exp; numba's exp
+   is scalar), and the tail weights u_j (one more).
+3. ``_forward`` (numba): the tail rates, the DP and its adjoint, the quadrature, and every partial
+   derivative of P, in one pass per pick, vectorised over the nodes.
+4. ``_backward`` (numba): scales the stored partials by the incoming gradient into a (B, N) gradient.
+
+The tail rate without a pass over (N, nodes) per pick. With u_j = exp(s_j - s_M) <= 1 (s_M = the logit
+of the M-th heaviest item, which bounds the tail), rho = exp(s_M - s_ref) <= 1 and x_n = -log v_n,
+
+    lambda_n = sum_j (1 - exp(-rho u_j x_n)) = sum_{i >= 1} (-1)^(i+1) (rho x_n)^i / i! * Q_i,
+    Q_i = sum_{j in tail} u_j^i,
+
+so the row's power sums Q_i (one pass over its N items) serve every pick and node. The series
+alternates with terms below (rho x)^i / i! Q_1; it is cut once that falls under 1e-17 Q_1 (I terms:
+~15 at a policy's initialisation, at most ~45 at 128 nodes where rho x <= 9.3), so it is exact to
+round-off, and its cancellation costs at most ~e^9 ulps of Q_1. A pick a outside the kept set is
+itself in the tail: its term 1 - v^c is subtracted. Gradient: d lambda_n / d s_j = sum_i t_ni i u_j^i
+(t_ni the series coefficients), so each pick stores beta_i = sum_n dP/dlambda_n t_ni and the backward
+pass evaluates one polynomial in u_j per tail item; a's own term cancels the series' part for a.
+
+The rest of the derivatives (s_ref and s_M are held fixed: P depends only on weight ratios):
+    dP/ds_j (kept)    r_j sum_n log v_n dP/dlog q_jn,   dP/dlog q_jn = q_jn sum_c G[c] (S_j[c] - S_j[c-1])
+                      (the Poisson-binomial adjoint of ``rag_capg.poisson_binomial``, scaled by w_n jac_n)
+    dP/dlambda_n      sum_c G_0[c] (pmf[c-1] - pmf[c])      (pmf = the Poisson start of the DP)
+    dP/ds_a           sum_n w_n F_n jac_n (1 + c log v_n)  [+ c sum_n dP/dlambda_n (-x_n e^(-c x_n)) if in tail]
+P is clamped to [0, 1] like the torch path (zero gradient where the clamp bites). tests/
+test_inclusion_exact_cpu.py checks values and gradients against the torch path with ``tail="exact"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from rag_capg.policy import _exp_or_zero
+
+__all__ = ["exact_inclusion_cpu"]
+
+_MAX_TERMS = 96  # series terms: enough for 2 rho x <= ~40, i.e. any node set down to v ~ 2e-9
+_SMALL_U = 1e-10  # tail weights below this enter the first power sum only: (rho x u)^2 / (rho x u) < 1e-8 and their
+# share of lambda ~1e-10: below round-off. Their powers would underflow into slow subnormals.
+_MAX_FAR_TERMS = 30  # _SMALL_U^30 = 1e-300 is still normal
+# Tail weights u >= _NEAR ("near": the tail's head, a few dozen items) are expanded around u = 1, with every term
+# their series needs; the rest around u = 0, to the terms rho x _NEAR needs (e.g. 22 rather than 60).
+_NEAR = 0.125
+_LOG_Q_FLOOR = -700.0  # v^r below e^-700 is 0 for the DP; torch's exp is slow on subnormal results
+
+
+@numba.njit(cache=True, nogil=True)
+def _prepare(s, top, items, k, r, d_r_ok, c, rho, slot):  # pragma: no cover - compiled
+    """Per pick: r (B, L, M) = exp(s_kept - s_ref) capped at e^700 (0 in a's slot), d_r_ok = whether r_j moves
+    with s_j (not capped, not a's slot), c = exp(s_a - s_ref), rho = exp(s_M - s_ref), slot = a's position
+    among the kept items or -1. s_ref = max(s_a, K-th largest logit other than a). Returns False (and the
+    caller takes the torch path) if a row's maximum or a pick's s_ref is not finite (+inf, NaN, too few
+    items of positive weight)."""
+    B, M = top.shape
+    L = items.shape[1]
+    for b in range(B):
+        if not math.isfinite(s[b, top[b, 0]]):  # torch.topk puts NaN first
+            return False
+        s_m = np.float64(s[b, top[b, M - 1]])
+        for l in range(L):
+            a = items[b, l]
+            pos = -1
+            for j in range(M):
+                if top[b, j] == a:
+                    pos = j
+            s_a = np.float64(s[b, a])
+            kth = top[b, k] if 0 <= pos < k else top[b, k - 1]  # a among the top-K shifts the K-th other
+            s_ref = max(s_a, np.float64(s[b, kth]))
+            if not math.isfinite(s_ref):
+                return False
+            slot[b, l] = pos
+            c[b, l] = math.exp(s_a - s_ref)
+            rho[b, l] = math.exp(s_m - s_ref)
+            for j in range(M):
+                d = np.float64(s[b, top[b, j]]) - s_ref
+                r[b, l, j] = 0.0 if j == pos else math.exp(min(d, 700.0))
+                d_r_ok[b, l, j] = j != pos and d < 700.0
+    return True
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _tail_sums(u, n_far, n_near, near, u_far, pw, vals, far_sums, near_sums):  # pragma: no cover - compiled
+    """One row's tail sums (u: its tail weights, 0 on the kept items): far_sums[i] = sum u_j^(i+1) over the far
+    items (u_j < _NEAR), i < n_far, vectorised over all N (near items masked to 0); near_sums[i] = sum
+    (1 - u_j)^i over the near ones, i <= n_near. Writes the near items' indices to near[:count] and returns
+    count. Far weights below _SMALL_U enter the first sum only (their powers would underflow into slow
+    subnormals, and u^2 / u < 1e-10 there). u_far, pw, vals: scratch of length N."""
+    N = u.shape[0]
+    acc = 0.0
+    count = 0
+    for j in range(N):
+        uj = np.float64(u[j])
+        is_near = uj >= _NEAR
+        far = 0.0 if is_near else uj
+        acc += far
+        u_far[j] = far
+        pw[j] = far if far >= _SMALL_U else 0.0
+        near[count] = j  # branch-free compaction: the slot is kept only if u_j is near
+        count += is_near
+    far_sums[0] = acc
+    for i in range(1, n_far):  # pw >= _SMALL_U^i: a normal number for every i < _MAX_FAR_TERMS
+        acc = 0.0
+        for j in range(N):
+            pw[j] *= u_far[j]
+            acc += pw[j]
+        far_sums[i] = acc
+    near_sums[0] = count
+    for t in range(count):
+        vals[t] = 1.0 - np.float64(u[near[t]])
+        pw[t] = 1.0
+    for i in range(1, n_near + 1):  # term by term, vectorised over the near items
+        acc = 0.0
+        for t in range(count):
+            pw[t] *= vals[t]
+            acc += pw[t]
+        near_sums[i] = acc
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _series_terms(y):  # pragma: no cover - compiled
+    """Terms of sum_i y^i / i! Q_i (Q_i <= Q_0) until a term falls below 1e-16 Q_0."""
+    term = 1.0
+    for i in range(1, _MAX_TERMS + 1):
+        term *= y / i
+        if i > y and term < 1e-16:
+            return max(i - 1, 1)
+    return _MAX_TERMS
+
+
+@numba.njit(cache=True, nogil=True)
+def _near_terms(y):  # pragma: no cover - compiled
+    """Terms of e^(-y) sum_i y^i / i! W_i, W_i = sum (1 - u)^i <= W_0 (1 - _NEAR)^i, until the rest is below 1e-16
+    W_0. (For i < y a term's maximum over the nodes' a <= y is ~(1 - _NEAR)^i; beyond y it is at a = y.)"""
+    z = y * (1.0 - _NEAR)
+    log_term = -y  # log(e^-y z^i / i!)
+    for i in range(1, _MAX_TERMS + 1):
+        log_term += math.log(z / i)
+        if i > y and log_term < math.log(1e-16):
+            return i
+    return _MAX_TERMS
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _dp_forward(q, S):  # pragma: no cover - compiled
+    """S[j] (k, n) = distribution of the number of arrivals among the first j kept items (q (M, n): each
+    item's probability of not having arrived), from none. Item j arrives (count + 1) with probability 1 - q:
+    S'[c] = q S[c] + (1 - q) S[c-1], one FMA. After j items the count is at most j, so only c <= j + 1 is
+    updated: the upper triangle (K^2 / 2 of the M K cells) is never touched, nor read."""
+    M, n = q.shape
+    k = S.shape[1]
+    for t in range(n):
+        S[0, 0, t] = 1.0
+    for j in range(M):
+        for t in range(n):
+            S[j + 1, 0, t] = q[j, t] * S[j, 0, t]
+        for cc in range(1, min(j + 1, k)):
+            for t in range(n):
+                S[j + 1, cc, t] = S[j, cc - 1, t] + q[j, t] * (S[j, cc, t] - S[j, cc - 1, t])
+        if j + 1 < k:  # S[j, j + 1] = 0
+            for t in range(n):
+                S[j + 1, j + 1, t] = (1.0 - q[j, t]) * S[j, j, t]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _dp_adjoint(q, S, G, acc, log_v, d_r):  # pragma: no cover - compiled
+    """The adjoint of ``_dp_forward``: on entry G (k, n) = dP/dS[M], and d_r[j] = sum_n log v_n dP/dlog q_jn
+    with dP/dlog q_jn = q_jn sum_c G_{j+1}[c] (S_j[c] - S_j[c-1]), over the same triangle (S_j[c] = 0 for
+    c > j; G_j is needed for c <= j only)."""
+    M, n = q.shape
+    k = G.shape[0]
+    for j in range(M - 1, -1, -1):
+        top = min(j + 1, k - 1)  # highest count S_{j+1} can hold
+        for t in range(n):
+            acc[t] = G[0, t] * S[j, 0, t]
+        for cc in range(1, min(j + 1, k)):
+            for t in range(n):
+                acc[t] += G[cc, t] * (S[j, cc, t] - S[j, cc - 1, t])
+        if j + 1 < k:
+            for t in range(n):
+                acc[t] -= G[j + 1, t] * S[j, j, t]
+        d = 0.0
+        for t in range(n):
+            d += q[j, t] * acc[t] * log_v[t]
+        d_r[j] = d
+        for cc in range(min(j + 1, top)):  # c <= j, reading G[c + 1] <= top
+            for t in range(n):
+                G[cc, t] = G[cc + 1, t] + q[j, t] * (G[cc, t] - G[cc + 1, t])
+        if top == k - 1 and j >= k - 1:  # the last count has no c + 1 (its mass leaves the truncation)
+            for t in range(n):
+                G[k - 1, t] = q[j, t] * G[k - 1, t]
+
+
+@numba.njit(cache=True, nogil=True)
+def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
+             p_out, d_kept, d_pick, beta, gamma, terms, near):  # pragma: no cover - compiled
+    """p_out (B, L) = P(a in S). If need_grad: d_kept (B, L, M) = dP/ds of each kept slot, d_pick (B, L) =
+    dP/ds_a through its own weight, beta (B, L, _MAX_TERMS) = dP/d far_sums, gamma (B, L, _MAX_TERMS + 1) =
+    dP/d near_sums, terms (B, 3) = the row's far / near series lengths and near-item count, near (B, N) = the
+    near items, for ``_backward``. u (B, N): tail weights relative to the M-th kept logit, 0 on the kept items."""
+    B, L, M, n = q.shape
+    N = u.shape[1]
+    has_tail = M < N
+    x = -log_v
+    u_far, pw, vals = np.empty(N), np.empty(N), np.empty(N)
+    far_sums = np.zeros(_MAX_TERMS)
+    near_sums = np.zeros(_MAX_TERMS + 1)
+    lam, s2 = np.empty(n), np.empty(n)
+    d_lam, d_s2 = np.empty(n), np.empty(n)
+    lam_live, s2_live = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
+    a_n, term, t1, t2, e1, e2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    pmf = np.empty((k, n))
+    tail_cdf = np.empty((k, n))
+    kept_cdf = np.empty((k, n))
+    S = np.empty((M + 1, k, n))
+    G = np.empty((k, n))
+    acc = np.empty(n)
+    jw = np.empty(n)
+    d_r = np.empty(M)
+    x_max = x.max()
+    for b in range(B):
+        n_far = n_near = n_close = 0
+        if has_tail:
+            # the row's tail sums, as many terms as its largest 2 rho x (s2's series) needs
+            rho_max = 0.0
+            for l in range(L):
+                rho_max = max(rho_max, rho[b, l])
+            y2 = 2.0 * rho_max * x_max
+            n_near = _near_terms(y2)
+            n_far = min(_series_terms(y2 * _NEAR), n_near, _MAX_FAR_TERMS)
+            n_close = _tail_sums(u[b], n_far, n_near, near[b], u_far, pw, vals, far_sums, near_sums)
+            terms[b, 0], terms[b, 1], terms[b, 2] = n_far, n_near, n_close
+        for l in range(L):
+            c_a = c[b, l]
+            # lam_n = sum_j p_j and s2_n = sum_j p_j^2 over the tail (module docstring), minus a's own terms
+            lam[:] = 0.0
+            s2[:] = 0.0
+            if has_tail:
+                for t in range(n):
+                    a_n[t] = rho[b, l] * x[t]
+                    term[t] = 1.0
+                for i in range(n_far):  # far items: series in u, power i + 1
+                    sign = 1.0 if i % 2 == 0 else -1.0
+                    two = 2.0 ** (i + 1) - 2.0
+                    for t in range(n):
+                        term[t] *= a_n[t] / (i + 1)
+                        lam[t] += sign * term[t] * far_sums[i]
+                        s2[t] -= sign * two * term[t] * far_sums[i]
+                if n_close > 0:  # near items: e^(-a u) = e^(-a) sum_i a^i (1 - u)^i / i!, all terms >= 0
+                    for t in range(n):
+                        t1[t] = math.exp(-a_n[t])
+                        t2[t] = t1[t] * t1[t]
+                        e1[t] = t1[t] * near_sums[0]
+                        e2[t] = t2[t] * near_sums[0]
+                    for i in range(1, n_near + 1):
+                        for t in range(n):
+                            t1[t] *= a_n[t] / i
+                            t2[t] *= 2.0 * a_n[t] / i
+                            e1[t] += t1[t] * near_sums[i]
+                            e2[t] += t2[t] * near_sums[i]
+                    for t in range(n):  # sum (1 - e^(-au)), sum (1 - e^(-au))^2
+                        lam[t] += near_sums[0] - e1[t]
+                        s2[t] += near_sums[0] - 2.0 * e1[t] + e2[t]
+                for t in range(n):
+                    if slot[b, l] < 0:
+                        p_a = -math.expm1(-c_a * x[t])
+                        lam[t] -= p_a
+                        s2[t] -= p_a * p_a
+                    lam_live[t] = lam[t] > 0.0
+                    s2_live[t] = s2[t] > 0.0
+                    lam[t] = max(lam[t], 0.0)
+                    s2[t] = max(s2[t], 0.0)
+            # the DP's start: the second-order tail distribution (inclusion._tail_start)
+            for t in range(n):
+                pmf[0, t] = math.exp(-lam[t] - 0.5 * s2[t])
+                if k > 1:
+                    pmf[1, t] = (lam[t] + s2[t]) * pmf[0, t]
+            for cc in range(1, k - 1):
+                for t in range(n):
+                    pmf[cc + 1, t] = ((lam[t] + s2[t]) * pmf[cc, t] - s2[t] * pmf[cc - 1, t]) / (cc + 1)
+            # the tail's CDF: F_n = sum_c S_M[c] tail_cdf[K-1-c] (kept and tail counts are independent)
+            for t in range(n):
+                tail_cdf[0, t] = pmf[0, t]
+            for cc in range(1, k):
+                for t in range(n):
+                    tail_cdf[cc, t] = tail_cdf[cc - 1, t] + pmf[cc, t]
+            _dp_forward(q[b, l], S)
+            # quadrature: jw_n = w_n c v_n^(c-1), the Jacobian of q = v^c
+            total = 0.0
+            for t in range(n):
+                jw[t] = weights[t] * math.exp(math.log(c_a) + (c_a - 1.0) * log_v[t]) if c_a > 0.0 else 0.0
+                f = 0.0
+                for cc in range(k):
+                    f += S[M, cc, t] * tail_cdf[k - 1 - cc, t]
+                acc[t] = f  # F_n, kept for d_pick
+                total += jw[t] * f
+            clamped = total > 1.0
+            p_out[b, l] = min(total, 1.0)
+            if not need_grad:
+                continue
+            beta[b, l, :] = 0.0
+            gamma[b, l, :] = 0.0
+            if clamped:
+                d_kept[b, l, :] = 0.0
+                d_pick[b, l] = 0.0
+                continue
+            grad_a = 0.0
+            for t in range(n):
+                grad_a += jw[t] * acc[t] * (1.0 + c_a * log_v[t])
+            for cc in range(k):
+                for t in range(n):
+                    G[cc, t] = jw[t] * tail_cdf[k - 1 - cc, t]
+            # dP / d pmf[c'] = jw sum_{c <= K-1-c'} S_M[c] = kept_cdf[K-1-c']
+            for t in range(n):
+                run = 0.0
+                for cc in range(k):
+                    run += S[M, cc, t]
+                    kept_cdf[cc, t] = jw[t] * run
+            _dp_adjoint(q[b, l], S, G, acc, log_v, d_r)
+            for j in range(M):
+                d_kept[b, l, j] = d_r[j] * r[b, l, j] if d_r_ok[b, l, j] else 0.0
+            if has_tail:
+                for t in range(n):
+                    # d/d(a0, a1, a2) of the coefficients of f = exp(a0 + a1 z + a2 z^2) is z^i f: f shifted by i
+                    d0 = d1 = d2 = 0.0
+                    for cc in range(k):
+                        g = kept_cdf[k - 1 - cc, t]  # dP / d pmf[cc]
+                        d0 += g * pmf[cc, t]
+                        if cc >= 1:
+                            d1 += g * pmf[cc - 1, t]
+                        if cc >= 2:
+                            d2 += g * pmf[cc - 2, t]
+                    # a0 = -lam - s2/2, a1 = lam + s2, a2 = -s2/2
+                    d_lam[t] = (d1 - d0) if lam_live[t] else 0.0
+                    d_s2[t] = (d1 - 0.5 * d0 - 0.5 * d2) if s2_live[t] else 0.0
+                    if slot[b, l] < 0:  # a's own terms -p_a, -p_a^2: d p_a / d s_a = c x e^(-c x)
+                        e = math.exp(-c_a * x[t])
+                        grad_a -= (d_lam[t] + 2.0 * (1.0 - e) * d_s2[t]) * c_a * x[t] * e
+                    term[t] = 1.0
+                for i in range(n_far):
+                    sign = 1.0 if i % 2 == 0 else -1.0
+                    two = 2.0 ** (i + 1) - 2.0
+                    acc_i = 0.0
+                    for t in range(n):
+                        term[t] *= a_n[t] / (i + 1)
+                        acc_i += term[t] * (d_lam[t] - two * d_s2[t])
+                    beta[b, l, i] = sign * acc_i
+                if n_close > 0:  # d lam / d W_i = -t1_i, d s2 / d W_i = t2_i - 2 t1_i
+                    for t in range(n):
+                        t1[t] = math.exp(-a_n[t])
+                        t2[t] = t1[t] * t1[t]
+                    for i in range(1, n_near + 1):
+                        acc_i = 0.0
+                        for t in range(n):
+                            t1[t] *= a_n[t] / i
+                            t2[t] *= 2.0 * a_n[t] / i
+                            acc_i += (t2[t] - 2.0 * t1[t]) * d_s2[t] - t1[t] * d_lam[t]
+                        gamma[b, l, i] = acc_i
+            d_pick[b, l] = grad_a
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _backward(grad_p, d_kept, d_pick, beta, gamma, terms, near, u, top, items, tiny, grad):  # pragma: no cover
+    """grad (B, N) = sum_l grad_p[b, l] dP_bl/ds: kept slots and picks from their partials; tail items through
+    the tail sums, d far_sums_i / d s_j = (i + 1) u_j^(i+1) and d near_sums_i / d s_j = -i u_j (1 - u_j)^(i-1),
+    to as many terms as the forward pass summed (Horner, vectorised over the items). Values below ``tiny``
+    are written as 0."""
+    B, N = u.shape
+    M = top.shape[1]
+    L = items.shape[1]
+    coef = np.zeros(_MAX_TERMS)
+    coef_near = np.zeros(_MAX_TERMS + 1)
+    vals, val = np.empty(N), np.empty(N)
+    for b in range(B):
+        n_far, n_near, count = terms[b, 0], terms[b, 1], terms[b, 2]
+        if n_far > 0:
+            for i in range(n_far):
+                acc = 0.0
+                for l in range(L):
+                    acc += grad_p[b, l] * beta[b, l, i]
+                coef[i] = (i + 1) * acc
+            for i in range(1, n_near + 1):
+                acc = 0.0
+                for l in range(L):
+                    acc += grad_p[b, l] * gamma[b, l, i]
+                coef_near[i] = -i * acc
+            for j in range(N):  # far: u sum_i coef_i u^i (weights below _SMALL_U: the linear term)
+                uj = np.float64(u[b, j])
+                vals[j] = uj if uj >= _SMALL_U else 0.0
+                val[j] = coef[n_far - 1]
+            for i in range(n_far - 2, -1, -1):
+                ci = coef[i]
+                for j in range(N):
+                    val[j] = val[j] * vals[j] + ci
+            for j in range(N):
+                v = val[j] * np.float64(u[b, j])
+                grad[b, j] = v if abs(v) >= tiny else 0.0
+            for t in range(count):  # near: u sum_i coef_near_i (1 - u)^(i-1)
+                vals[t] = 1.0 - np.float64(u[b, near[b, t]])
+                val[t] = coef_near[n_near]
+            for i in range(n_near - 1, 0, -1):
+                ci = coef_near[i]
+                for t in range(count):
+                    val[t] = val[t] * vals[t] + ci
+            for t in range(count):
+                v = val[t] * (1.0 - vals[t])
+                grad[b, near[b, t]] = v if abs(v) >= tiny else 0.0
+        else:
+            grad[b, :] = 0.0
+        for j in range(M):
+            acc = 0.0
+            for l in range(L):
+                acc += grad_p[b, l] * d_kept[b, l, j]
+            grad[b, top[b, j]] = acc
+        for l in range(L):
+            grad[b, items[b, l]] += grad_p[b, l] * d_pick[b, l]
+
+
+class _ExactInclusion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, top, items, k, log_v, weights, prepared, need_grad):
+        r, d_r_ok, c, rho, slot = prepared
+        B, L, M = r.shape
+        q = torch.exp((torch.from_numpy(r)[..., None] * log_v).clamp_min_(_LOG_Q_FLOOR))  # (B, L, M, n)
+        s = s.detach()
+        # tail weights relative to the M-th kept logit, in the logits' dtype (their rounding is far below the
+        # method's error); the kept items' entries are never read
+        u = _exp_or_zero((s - s.gather(1, top[:, -1:])).clamp_max_(0.0)).scatter_(1, top, 0.0)
+        p = np.empty((B, L))
+        d_kept = np.empty((B, L, M) if need_grad else (0, 0, 0))
+        d_pick = np.empty((B, L) if need_grad else (0, 0))
+        beta = np.empty((B, L, _MAX_TERMS) if need_grad else (0, 0, 0))
+        gamma = np.empty((B, L, _MAX_TERMS + 1) if need_grad else (0, 0, 0))
+        terms = np.zeros((B, 3), dtype=np.int64)
+        near = np.empty((B, s.shape[1]), dtype=np.int64)
+        _forward(q.numpy(), r, d_r_ok, c, rho, slot, u.numpy(), top.numpy(), log_v.numpy(), weights.numpy(),
+                 k, need_grad, p, d_kept, d_pick, beta, gamma, terms, near)
+        ctx.save_for_backward(u, top, items)
+        ctx.partials = (d_kept, d_pick, beta, gamma, terms, near)
+        return torch.from_numpy(p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_p):
+        u, top, items = ctx.saved_tensors
+        grad = np.empty(tuple(u.shape), dtype=u.numpy().dtype)
+        _backward(grad_p.double().contiguous().numpy(), *ctx.partials, u.numpy(), top.numpy(), items.numpy(),
+                  float(torch.finfo(u.dtype).tiny), grad)
+        return torch.from_numpy(grad), None, None, None, None, None, None, None
+
+
+def exact_inclusion_cpu(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor, k: int, log_v: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor | None:
+    """P(a in S_K), (B, L) float64, for float32/64 CPU logits s (B, N), their top-M indices ``top`` (B, M, best
+    first; M = top_m + 1 > K), picks ``items`` (B, L), and the quadrature's float64 log-nodes / weights on
+    [0, 1]. Differentiable with respect to s. None (the caller takes the torch path) where a row's maximum
+    or a pick's reference weight is not finite."""
+    s = s.contiguous()  # outside no_grad: a copy must stay in the graph
+    top, items = top.to(torch.int64).contiguous(), items.to(torch.int64).contiguous()
+    B, L = items.shape
+    M = top.shape[1]
+    prepared = (np.empty((B, L, M)), np.empty((B, L, M), dtype=np.bool_), np.empty((B, L)), np.empty((B, L)),
+                np.empty((B, L), dtype=np.int64))
+    if not _prepare(s.detach().numpy(), top.numpy(), items.numpy(), k, *prepared):
+        return None
+    need_grad = s.requires_grad and torch.is_grad_enabled()  # (grad mode is off inside forward)
+    return _ExactInclusion.apply(s, top, items, k, log_v.double().contiguous(), weights.double().contiguous(),
+                                 prepared, need_grad)
