@@ -1,45 +1,42 @@
 """CA-PG-exact's inclusion probability on CPU: one autograd node, numba kernels.
 
-``rag_capg.inclusion.inclusion_prob_exact`` (``tail="exact"``, a ``top_m``) computes, per row b and pick a,
+``rag_capg.inclusion.inclusion_prob_exact`` (``tail="exact"``, a ``top_m``) computes, per row and pick a,
 
-    P(a in S) = sum_n w_n c v_n^(c-1) F_n,
-    F_n = Prob[ Poisson(lambda_n) + PoissonBinomial({1 - v_n^(r_j)}_{j kept}) <= K-1 ],
-    lambda_n = sum_{j in the tail, j != a} (1 - v_n^(r_j)),
+    P(a in S) = sum_n w_n c v_n^(c-1) F_n,    F_n = sum_c D_n[c] T_n[K-1-c],
 
-over Gauss-Legendre nodes v_n with weights w_n, where r_j = w_j / w_ref, c = w_a / w_ref, the kept items
-are the row's M = top_m + 1 heaviest (a's own slot, if a is one of them, gets r = 0: an item that never
-arrives) and the tail is everything else. Written in torch ops under autograd that is ~40 operations
-each way, a Poisson-binomial kernel, and a tail rate over (B, L, N, nodes): ~11 ms for 128 picks at
-N = 1,000, K = 20 (4x a whole TOP1 step). Here:
+with D_n the distribution of arrivals among the M = top_m + 1 kept items (failure probabilities
+q_jn = v_n^(r_j), r_j = w_j / w_ref; a's own slot, if a is kept, has r = 0) and T_n the CDF of the tail's
+count, exp(lam (z-1) - s2 (z-1)^2 / 2) with lam = sum_tail p_j, s2 = sum_tail p_j^2, p_j = 1 - v_n^(r_j)
+(``inclusion._tail_start``). In torch ops under autograd that was ~40 operations each way plus a pass
+over (B, L, N, nodes) for the tail: ~11 ms for 128 picks at N = 1,000, K = 20, four TOP1 steps. Here:
 
-1. ``_prepare`` (numba): per pick, the ratios r_j of the kept slots, c and rho (below).
-2. torch: q_jn = v_n^(r_j) = exp(r_j log v_n) for every slot and node (one vectorised exp; numba's exp
-   is scalar), and the tail weights u_j (one more).
-3. ``_forward`` (numba): the tail rates, the DP and its adjoint, the quadrature, and every partial
-   derivative of P, in one pass per pick, vectorised over the nodes.
-4. ``_backward`` (numba): scales the stored partials by the incoming gradient into a (B, N) gradient.
+1. ``_prepare``: per pick, r_j of the kept slots, c = w_a / w_ref, rho = w_M / w_ref (w_M: the lightest
+   kept item, which bounds the tail), a's slot.
+2. torch: q_jn = exp(r_j log v_n) for every slot and node, and the tail weights u_j = w_j / w_M <= 1 (two
+   vectorised exps; numba's exp is scalar).
+3. ``_forward``: per row the tail's sums, per pick lam and s2, the DP and its adjoint, the quadrature and
+   every partial derivative of P.
+4. ``_backward``: the stored partials times the incoming gradient, into a (B, N) gradient.
 
-The tail rate without a pass over (N, nodes) per pick. With u_j = exp(s_j - s_M) <= 1 (s_M = the logit
-of the M-th heaviest item, which bounds the tail), rho = exp(s_M - s_ref) <= 1 and x_n = -log v_n,
+The tail without a pass over (N, nodes) per pick. With a_n = rho x_n, x_n = -log v_n, the far items
+(u < 1/8, most of the tail) expand around u = 0:
 
-    lambda_n = sum_j (1 - exp(-rho u_j x_n)) = sum_{i >= 1} (-1)^(i+1) (rho x_n)^i / i! * Q_i,
-    Q_i = sum_{j in tail} u_j^i,
+    sum_far (1 - e^(-a u)) = sum_i (-1)^(i+1) a^i / i! Q_i,   sum_far (1 - e^(-a u))^2 = sum_i (-1)^i (2^i - 2) a^i / i! Q_i,
 
-so the row's power sums Q_i (one pass over its N items) serve every pick and node. The series
-alternates with terms below (rho x)^i / i! Q_1; it is cut once that falls under 1e-17 Q_1 (I terms:
-~15 at a policy's initialisation, at most ~45 at 128 nodes where rho x <= 9.3), so it is exact to
-round-off, and its cancellation costs at most ~e^9 ulps of Q_1. A pick a outside the kept set is
-itself in the tail: its term 1 - v^c is subtracted. Gradient: d lambda_n / d s_j = sum_i t_ni i u_j^i
-(t_ni the series coefficients), so each pick stores beta_i = sum_n dP/dlambda_n t_ni and the backward
-pass evaluates one polynomial in u_j per tail item; a's own term cancels the series' part for a.
+Q_i = sum_far u^i, and the near ones (the tail's head, a few dozen) around u = 1, where every term is >= 0
+(no cancellation, however large a): e^(-a u) = e^(-a) sum_i a^i (1 - u)^i / i!. The row's sums Q_i and
+W_i = sum_near (1 - u)^i serve all its picks and nodes; each series runs until its terms fall below 1e-16
+of its leading one (``_series_terms``, ``_near_terms``), so lam and s2 are exact to round-off. A pick
+outside the kept set is itself in the tail: its own p_a, p_a^2 are subtracted.
 
-The rest of the derivatives (s_ref and s_M are held fixed: P depends only on weight ratios):
-    dP/ds_j (kept)    r_j sum_n log v_n dP/dlog q_jn,   dP/dlog q_jn = q_jn sum_c G[c] (S_j[c] - S_j[c-1])
-                      (the Poisson-binomial adjoint of ``rag_capg.poisson_binomial``, scaled by w_n jac_n)
-    dP/dlambda_n      sum_c G_0[c] (pmf[c-1] - pmf[c])      (pmf = the Poisson start of the DP)
-    dP/ds_a           sum_n w_n F_n jac_n (1 + c log v_n)  [+ c sum_n dP/dlambda_n (-x_n e^(-c x_n)) if in tail]
-P is clamped to [0, 1] like the torch path (zero gradient where the clamp bites). tests/
-test_inclusion_exact_cpu.py checks values and gradients against the torch path with ``tail="exact"``.
+Derivatives (w_ref and w_M are held fixed: P depends only on ratios of weights):
+    kept j      r_j sum_n log v_n dP/dlog q_jn, from the DP's adjoint
+    tail j      through Q_i and W_i: beta_i = dP/dQ_i, gamma_i = dP/dW_i per pick, then one polynomial
+                in u_j (or 1 - u_j) per item in ``_backward``
+    lam, s2     through the start f = exp(a0 + a1 z + a2 z^2): df_c / da_i = f_{c-i}
+    a itself    sum_n w_n F_n jac_n (1 + c log v_n), plus its tail terms if it is in the tail
+P is clamped to [0, 1] like the torch path. tests/test_inclusion_exact_cpu.py checks values and gradients
+against ``inclusion._exact_torch``, which sums the tail's p_j directly.
 """
 
 from __future__ import annotations
@@ -50,6 +47,7 @@ import numba
 import numpy as np
 import torch
 
+from rag_capg.poisson_binomial import triangle_dp_adjoint, triangle_dp_forward
 from rag_capg.policy import _exp_or_zero
 
 __all__ = ["exact_inclusion_cpu"]
@@ -161,54 +159,63 @@ def _near_terms(y):  # pragma: no cover - compiled
     return _MAX_TERMS
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
-def _dp_forward(q, S):  # pragma: no cover - compiled
-    """S[j] (k, n) = distribution of the number of arrivals among the first j kept items (q (M, n): each
-    item's probability of not having arrived), from none. Item j arrives (count + 1) with probability 1 - q:
-    S'[c] = q S[c] + (1 - q) S[c-1], one FMA. After j items the count is at most j, so only c <= j + 1 is
-    updated: the upper triangle (K^2 / 2 of the M K cells) is never touched, nor read."""
-    M, n = q.shape
-    k = S.shape[1]
-    for t in range(n):
-        S[0, 0, t] = 1.0
-    for j in range(M):
+@numba.njit(cache=True, nogil=True)
+def _tail_moments(a_n, far_sums, n_far, near_sums, n_near, n_close, lam, s2, term, t1, t2, e1, e2):  # pragma: no cover
+    """lam_n = sum_tail (1 - e^(-a_n u)) and s2_n = sum_tail (1 - e^(-a_n u))^2 from the row's sums (module
+    docstring); term, t1, t2, e1, e2: scratch over the nodes."""
+    n = a_n.shape[0]
+    lam[:] = 0.0
+    s2[:] = 0.0
+    term[:] = 1.0
+    for i in range(n_far):  # far items: series in u, power i + 1
+        sign = 1.0 if i % 2 == 0 else -1.0
+        two = 2.0 ** (i + 1) - 2.0
         for t in range(n):
-            S[j + 1, 0, t] = q[j, t] * S[j, 0, t]
-        for cc in range(1, min(j + 1, k)):
+            term[t] *= a_n[t] / (i + 1)
+            lam[t] += sign * term[t] * far_sums[i]
+            s2[t] -= sign * two * term[t] * far_sums[i]
+    if n_close > 0:  # near items: e^(-a u) = e^(-a) sum_i a^i (1 - u)^i / i!, every term >= 0
+        for t in range(n):
+            t1[t] = math.exp(-a_n[t])
+            t2[t] = t1[t] * t1[t]
+            e1[t] = t1[t] * near_sums[0]
+            e2[t] = t2[t] * near_sums[0]
+        for i in range(1, n_near + 1):
             for t in range(n):
-                S[j + 1, cc, t] = S[j, cc - 1, t] + q[j, t] * (S[j, cc, t] - S[j, cc - 1, t])
-        if j + 1 < k:  # S[j, j + 1] = 0
-            for t in range(n):
-                S[j + 1, j + 1, t] = (1.0 - q[j, t]) * S[j, j, t]
+                t1[t] *= a_n[t] / i
+                t2[t] *= 2.0 * a_n[t] / i
+                e1[t] += t1[t] * near_sums[i]
+                e2[t] += t2[t] * near_sums[i]
+        for t in range(n):
+            lam[t] += near_sums[0] - e1[t]
+            s2[t] += near_sums[0] - 2.0 * e1[t] + e2[t]
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
-def _dp_adjoint(q, S, G, acc, log_v, d_r):  # pragma: no cover - compiled
-    """The adjoint of ``_dp_forward``: on entry G (k, n) = dP/dS[M], and d_r[j] = sum_n log v_n dP/dlog q_jn
-    with dP/dlog q_jn = q_jn sum_c G_{j+1}[c] (S_j[c] - S_j[c-1]), over the same triangle (S_j[c] = 0 for
-    c > j; G_j is needed for c <= j only)."""
-    M, n = q.shape
-    k = G.shape[0]
-    for j in range(M - 1, -1, -1):
-        top = min(j + 1, k - 1)  # highest count S_{j+1} can hold
+@numba.njit(cache=True, nogil=True)
+def _tail_moment_partials(a_n, d_lam, d_s2, n_far, n_near, n_close, beta, gamma, term, t1, t2):  # pragma: no cover
+    """beta_i = dP/dQ_i (far sums) and gamma_i = dP/dW_i (near sums) from dP/dlam_n and dP/ds2_n: the
+    coefficients of ``_tail_moments`` contracted over the nodes."""
+    n = a_n.shape[0]
+    term[:] = 1.0
+    for i in range(n_far):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        two = 2.0 ** (i + 1) - 2.0
+        acc = 0.0
         for t in range(n):
-            acc[t] = G[0, t] * S[j, 0, t]
-        for cc in range(1, min(j + 1, k)):
-            for t in range(n):
-                acc[t] += G[cc, t] * (S[j, cc, t] - S[j, cc - 1, t])
-        if j + 1 < k:
-            for t in range(n):
-                acc[t] -= G[j + 1, t] * S[j, j, t]
-        d = 0.0
+            term[t] *= a_n[t] / (i + 1)
+            acc += term[t] * (d_lam[t] - two * d_s2[t])
+        beta[i] = sign * acc
+    if n_close > 0:  # d lam / d W_i = -t1_i, d s2 / d W_i = t2_i - 2 t1_i
         for t in range(n):
-            d += q[j, t] * acc[t] * log_v[t]
-        d_r[j] = d
-        for cc in range(min(j + 1, top)):  # c <= j, reading G[c + 1] <= top
+            t1[t] = math.exp(-a_n[t])
+            t2[t] = t1[t] * t1[t]
+        for i in range(1, n_near + 1):
+            acc = 0.0
             for t in range(n):
-                G[cc, t] = G[cc + 1, t] + q[j, t] * (G[cc, t] - G[cc + 1, t])
-        if top == k - 1 and j >= k - 1:  # the last count has no c + 1 (its mass leaves the truncation)
-            for t in range(n):
-                G[k - 1, t] = q[j, t] * G[k - 1, t]
+                t1[t] *= a_n[t] / i
+                t2[t] *= 2.0 * a_n[t] / i
+                acc += (t2[t] - 2.0 * t1[t]) * d_s2[t] - t1[t] * d_lam[t]
+            gamma[i] = acc
 
 
 @numba.njit(cache=True, nogil=True)
@@ -258,29 +265,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
             if has_tail:
                 for t in range(n):
                     a_n[t] = rho[b, l] * x[t]
-                    term[t] = 1.0
-                for i in range(n_far):  # far items: series in u, power i + 1
-                    sign = 1.0 if i % 2 == 0 else -1.0
-                    two = 2.0 ** (i + 1) - 2.0
-                    for t in range(n):
-                        term[t] *= a_n[t] / (i + 1)
-                        lam[t] += sign * term[t] * far_sums[i]
-                        s2[t] -= sign * two * term[t] * far_sums[i]
-                if n_close > 0:  # near items: e^(-a u) = e^(-a) sum_i a^i (1 - u)^i / i!, all terms >= 0
-                    for t in range(n):
-                        t1[t] = math.exp(-a_n[t])
-                        t2[t] = t1[t] * t1[t]
-                        e1[t] = t1[t] * near_sums[0]
-                        e2[t] = t2[t] * near_sums[0]
-                    for i in range(1, n_near + 1):
-                        for t in range(n):
-                            t1[t] *= a_n[t] / i
-                            t2[t] *= 2.0 * a_n[t] / i
-                            e1[t] += t1[t] * near_sums[i]
-                            e2[t] += t2[t] * near_sums[i]
-                    for t in range(n):  # sum (1 - e^(-au)), sum (1 - e^(-au))^2
-                        lam[t] += near_sums[0] - e1[t]
-                        s2[t] += near_sums[0] - 2.0 * e1[t] + e2[t]
+                _tail_moments(a_n, far_sums, n_far, near_sums, n_near, n_close, lam, s2, term, t1, t2, e1, e2)
                 for t in range(n):
                     if slot[b, l] < 0:
                         p_a = -math.expm1(-c_a * x[t])
@@ -304,7 +289,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
             for cc in range(1, k):
                 for t in range(n):
                     tail_cdf[cc, t] = tail_cdf[cc - 1, t] + pmf[cc, t]
-            _dp_forward(q[b, l], S)
+            triangle_dp_forward(q[b, l], S)
             # quadrature: jw_n = w_n c v_n^(c-1), the Jacobian of q = v^c
             total = 0.0
             for t in range(n):
@@ -336,7 +321,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
                 for cc in range(k):
                     run += S[M, cc, t]
                     kept_cdf[cc, t] = jw[t] * run
-            _dp_adjoint(q[b, l], S, G, acc, log_v, d_r)
+            triangle_dp_adjoint(q[b, l], S, G, acc, log_v, d_r)
             for j in range(M):
                 d_kept[b, l, j] = d_r[j] * r[b, l, j] if d_r_ok[b, l, j] else 0.0
             if has_tail:
@@ -356,26 +341,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
                     if slot[b, l] < 0:  # a's own terms -p_a, -p_a^2: d p_a / d s_a = c x e^(-c x)
                         e = math.exp(-c_a * x[t])
                         grad_a -= (d_lam[t] + 2.0 * (1.0 - e) * d_s2[t]) * c_a * x[t] * e
-                    term[t] = 1.0
-                for i in range(n_far):
-                    sign = 1.0 if i % 2 == 0 else -1.0
-                    two = 2.0 ** (i + 1) - 2.0
-                    acc_i = 0.0
-                    for t in range(n):
-                        term[t] *= a_n[t] / (i + 1)
-                        acc_i += term[t] * (d_lam[t] - two * d_s2[t])
-                    beta[b, l, i] = sign * acc_i
-                if n_close > 0:  # d lam / d W_i = -t1_i, d s2 / d W_i = t2_i - 2 t1_i
-                    for t in range(n):
-                        t1[t] = math.exp(-a_n[t])
-                        t2[t] = t1[t] * t1[t]
-                    for i in range(1, n_near + 1):
-                        acc_i = 0.0
-                        for t in range(n):
-                            t1[t] *= a_n[t] / i
-                            t2[t] *= 2.0 * a_n[t] / i
-                            acc_i += (t2[t] - 2.0 * t1[t]) * d_s2[t] - t1[t] * d_lam[t]
-                        gamma[b, l, i] = acc_i
+                _tail_moment_partials(a_n, d_lam, d_s2, n_far, n_near, n_close, beta[b, l], gamma[b, l], term, t1, t2)
             d_pick[b, l] = grad_a
 
 
