@@ -24,11 +24,14 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
 
        P(a in S) = int_0^1 c v^(c-1) G(v) dv,   G(v) = Prob[ PB({1 - v^(w_j / w_ref)}) <= K-1 ].
 
-   Now only the <= K-1 items heavier than w_ref have exponents > 1, and c v^(c-1) G(v) stays bounded. Near
-   v = 0 it still behaves like a non-integer power of v, so the quadrature is Gauss-Legendre in y with
-   v = y^(3/2) (``_quadrature_01``): 20 nodes match 32 plain ones. The integral is invariant to w_ref, so
-   w_ref is taken without gradient. G is a Poisson-binomial CDF truncated at K-1: a dynamic programme over
-   the others (state: Prob[count = 0..K-1]) at every node.
+   Now only the <= K-1 items heavier than w_ref have exponents > 1, and c v^(c-1) G(v) stays bounded. The
+   integral does not depend on w_ref, so it is a free time scale, taken without gradient: each pick divides
+   it by its own alpha (``_time_scale``) so that the integrand's step -- where G falls from 1 to 0, at v ~ 0.8
+   for a flat policy, far lower for a sharp one -- always lands where the nodes are. Near v = 0 the
+   integrand behaves like a non-integer power of v, so the nodes are Gauss-Legendre in y with v = y^(3/2)
+   (``_quadrature_01``). Together: 16 nodes give ~1e-4, where 32 plain ones gave ~2e-4 (eval/RESULTS.md).
+   G is a Poisson-binomial CDF truncated at K-1: a dynamic programme over the others (state: Prob[count =
+   0..K-1]) at every node.
    (Caveat, measured: for a pick with P ~ 1, the quadrature's derivative w.r.t. c is 1 + sum_n w_n log v_n,
    not exactly 0; the clamp to [0, 1] hides it only when round-off puts the sum at >= 1.)
 
@@ -58,7 +61,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rag_capg.poisson_binomial import kernels_enabled, race_truncated_cdf
+from rag_capg.poisson_binomial import MAX_SERIES_ARG, NEWTON_STEPS, TARGET_TIME, kernels_enabled, race_truncated_cdf
 from rag_capg.policy import _check_index, _check_logits, _exp_or_zero, _logsumexp_excluding, _upcast
 from rag_capg.top_k import top_k_indices
 
@@ -153,7 +156,7 @@ def _quadrature_01(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     others' r_j), times c v^(c-1)); its derivatives blow up there and plain Gauss-Legendre converges slowly.
     v = y^p turns that into y^(p (alpha + 1) - 1), smoother, at the cost of fewer nodes near v = 1, where the
     heavy items' v^(r_j) are steep. p = 3/2 was best of 1 / 1.5 / 2 / 2.5 / 3 on the synthetic benchmark's
-    logits (eval/bench_exact_settings.py; eval/RESULTS.md): at 20 nodes it beats 32 plain nodes.
+    logits (eval/RESULTS.md).
     """
     x, w = np.polynomial.legendre.leggauss(num_nodes)
     y, w = (x + 1.0) / 2.0, w / 2.0
@@ -185,7 +188,7 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
                          top_m: int | None = None, tail: Literal["exact", "linear"] = "exact") -> torch.Tensor:
     """Exact P(a in S_K) for each item (B, L) by the exponential race (module docstring). float64 (B, L).
 
-    num_nodes: quadrature nodes on [0, 1] (20 gives ~1e-4 absolute error on the synthetic benchmark's
+    num_nodes: quadrature nodes on [0, 1] (16 gives ~1e-4 absolute error on the synthetic benchmark's
     logits; 48-64 for tests).
     top_m: if set (>= K), the race keeps the top_m + 1 heaviest items exactly (a's own slot, if it is one
     of them, left empty) and the rest goes into a tail term: "exact", to second order in its p_j(v), or
@@ -214,6 +217,30 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
     return _exact_torch(s.double(), items, k, top, log_v, weights, tail if use_tail else None)
 
 
+def _time_scale(r: torch.Tensor, c: torch.Tensor, r_kth: torch.Tensor, tail_rate: torch.Tensor,
+                rho: torch.Tensor, k: int, x_max: float) -> torch.Tensor:
+    """alpha (B, L): rescale time so that the pick's integrand c e^(-c x) G(x), x = -log v, spans x ~ 1.
+
+    With fixed nodes the integrand's step (where G falls from 1 to 0) sits anywhere: at v ~ 0.8 for a flat
+    policy, near 0 for a sharp one, so 20 fixed nodes were needed for ~1e-4. The integral does not depend on
+    w_ref, so we pick it per pick: x* solves E[arrivals by x] = K - 1/2 (Newton from 0 over the kept items and
+    the tail's linear rate; concave, so the iterates rise monotonically), the scale is
+    T = min(max(x*, 1 / (r_K + tail rate + c)), 1 / c) -- the second term is the K-th arrival's own time when
+    K - 1 heavy items come first (a sharp policy), 1 / c the decay of e^(-c x) -- and alpha = T / TARGET_TIME.
+    12 nodes then do better than 20 fixed ones (eval/RESULTS.md). Capped so that 2 rho x stays <= MAX_SERIES_ARG
+    in the CPU kernel's tail series. r (B, L, M): kept ratios (0 in a's slot); all inputs relative to w_ref."""
+    x = torch.zeros_like(c)
+    never = torch.zeros_like(c, dtype=torch.bool)  # nothing else has weight (all underflowed): x* = inf
+    for _ in range(NEWTON_STEPS):
+        e = torch.exp(-r * x[..., None])
+        df = (r * e).sum(dim=-1) + tail_rate
+        never |= ~(df > 0)
+        x = torch.where(never, x, x - ((1.0 - e).sum(dim=-1) + tail_rate * x - (k - 0.5)) / df)
+    x = x.masked_fill(never, float("inf"))
+    alpha = torch.minimum(torch.maximum(x, 1.0 / (r_kth + tail_rate + c)), 1.0 / c) / TARGET_TIME
+    return torch.where(rho > 0, torch.minimum(alpha, MAX_SERIES_ARG / (2.0 * rho * x_max)), alpha)
+
+
 def _exact_torch(s: torch.Tensor, items: torch.Tensor, k: int, top: torch.Tensor, log_v: torch.Tensor,
                  weights: torch.Tensor, tail: Literal["exact", "linear"] | None) -> torch.Tensor:
     """``inclusion_prob_exact`` in torch ops under autograd (any device), given the top-M indices ``top``
@@ -221,18 +248,25 @@ def _exact_torch(s: torch.Tensor, items: torch.Tensor, k: int, top: torch.Tensor
     s_a = s.gather(1, items)  # (B, L)
     s_top = s.gather(1, top)  # (B, M), descending
     is_a = top[:, None, :] == items[:, :, None]  # (B, L, M): a's own slot, which stays empty
+    out = ~is_a.any(dim=2)  # (B, L): a is itself in the row tail and must leave it
     with torch.no_grad():
-        # w_ref = max(w_a, K-th largest other): the scale that makes the integrand smooth (no gradient needed).
-        # The K-th largest other is the K-th of the row, or the (K+1)-th when a is among the top K.
+        # w_ref = max(w_a, K-th largest other) / alpha: the scale that makes the integrand smooth (no gradient
+        # needed). The K-th largest other is the K-th of the row, or the (K+1)-th when a is among the top K.
         kth = torch.where(is_a[..., :k].any(dim=2), s_top[:, k:k + 1], s_top[:, k - 1:k])
         s_ref = torch.maximum(s_a, kth)
-    c = torch.exp(s_a - s_ref)  # (B, L), <= 1
+        r0 = torch.where(is_a, 0.0, torch.exp((s_top[:, None, :] - s_ref[..., None]).clamp_max(700.0)))
+        c0 = torch.exp(s_a - s_ref)
+        rho0 = torch.exp(s_top[:, -1:] - s_ref) if tail is not None else torch.zeros_like(c0)
+        tail_rate = ((torch.exp(_logsumexp_excluding(s, top)[:, None] - s_ref) - torch.where(out, c0, 0.0))
+                     .clamp_min(0.0) if tail is not None else torch.zeros_like(c0))
+        s_ref = s_ref - torch.log(_time_scale(r0, c0, torch.exp(kth - s_ref), tail_rate, rho0, k,
+                                              float(-log_v.min())))
+    c = torch.exp(s_a - s_ref)  # (B, L)
     # (B, L, M). Capped at e^700: beyond it v^r is 0 at every node anyway, and an inf ratio (an item 710+ nats
     # above the pick's scale) made exp's backward 0 * inf = NaN.
     r = torch.where(is_a, 0.0, torch.exp((s_top[:, None, :] - s_ref[..., None]).clamp_max(700.0)))
 
     if tail is not None:
-        out = ~is_a.any(dim=2)  # (B, L): a is itself in the row tail and must leave it
         if tail == "linear":  # one Poisson process: exactly Poisson, no second-order term
             log_tail = _logsumexp_excluding(s, top)  # (B,)
             w_tail = (torch.exp(log_tail[:, None] - s_ref) - torch.where(out, c, 0.0)).clamp_min(0.0)

@@ -25,9 +25,9 @@ The tail without a pass over (N, nodes) per pick. With a_n = rho x_n, x_n = -log
 
 Q_i = sum_far u^i, and the near ones (the tail's head, a few dozen) around u = 1, where every term is >= 0
 (no cancellation, however large a): e^(-a u) = e^(-a) sum_i a^i (1 - u)^i / i!. The row's sums Q_i and
-W_i = sum_near (1 - u)^i serve all its picks and nodes; each series runs until its terms fall below 1e-16
-of its leading one (``_series_terms``, ``_near_terms``), so lam and s2 are exact to round-off. A pick
-outside the kept set is itself in the tail: its own p_a, p_a^2 are subtracted.
+W_i = sum_near (1 - u)^i serve all its picks and nodes; each series runs until its terms fall below
+_SERIES_TOL = 1e-13 of its leading one (``_series_terms``, ``_near_terms``), far below the method's own
+error. A pick outside the kept set is itself in the tail: its own p_a, p_a^2 are subtracted.
 
 Derivatives (w_ref and w_M are held fixed: P depends only on ratios of weights):
     kept j      r_j sum_n log v_n dP/dlog q_jn, from the DP's adjoint
@@ -47,7 +47,7 @@ import numba
 import numpy as np
 import torch
 
-from rag_capg.poisson_binomial import triangle_dp_adjoint, triangle_dp_forward
+from rag_capg.poisson_binomial import MAX_SERIES_ARG, NEWTON_STEPS, TARGET_TIME
 from rag_capg.policy import _exp_or_zero
 
 __all__ = ["exact_inclusion_cpu"]
@@ -59,16 +59,21 @@ _MAX_FAR_TERMS = 30  # _SMALL_U^30 = 1e-300 is still normal
 # Tail weights u >= _NEAR ("near": the tail's head, a few dozen items) are expanded around u = 1, with every term
 # their series needs; the rest around u = 0, to the terms rho x _NEAR needs (e.g. 22 rather than 60).
 _NEAR = 0.125
+_SERIES_TOL = 1e-13  # relative truncation error of the tail series: far below the method's (~1e-5 .. 1e-4)
+_LOG_SERIES_TOL = math.log(_SERIES_TOL)
+_MAX_RATIO = math.exp(700.0)  # r_j capped here: v^r is 0 at every node anyway
 _LOG_Q_FLOOR = -700.0  # v^r below e^-700 is 0 for the DP; torch's exp is slow on subnormal results
 
 
 @numba.njit(cache=True, nogil=True)
-def _prepare(s, top, items, k, r, d_r_ok, c, rho, slot):  # pragma: no cover - compiled
-    """Per pick: r (B, L, M) = exp(s_kept - s_ref) capped at e^700 (0 in a's slot), d_r_ok = whether r_j moves
-    with s_j (not capped, not a's slot), c = exp(s_a - s_ref), rho = exp(s_M - s_ref), slot = a's position
-    among the kept items or -1. s_ref = max(s_a, K-th largest logit other than a). Returns False (and the
-    caller takes the torch path) if a row's maximum or a pick's s_ref is not finite (+inf, NaN, too few
-    items of positive weight)."""
+def _prepare(s, top, items, k, tail_sum, x_max, newton_steps, target_time, max_series_arg, r, d_r_ok, c, rho,
+             slot):  # pragma: no cover - compiled
+    """Per pick: r (B, L, M) = the kept slots' w_j / w_ref (0 in a's slot), capped at e^700, d_r_ok = whether
+    r_j moves with s_j (not capped, not a's slot), c = w_a / w_ref, rho = w_M / w_ref, slot = a's position among
+    the kept items or -1; w_ref = max(w_a, K-th largest other weight) / alpha, alpha = the pick's time scale
+    (``inclusion._time_scale``). tail_sum (B,): the row's tail weights relative to w_M. Returns False (and the
+    caller takes the torch path) if a row's maximum or a pick's w_ref is not finite (+inf, NaN, too few items
+    of positive weight)."""
     B, M = top.shape
     L = items.shape[1]
     for b in range(B):
@@ -87,12 +92,32 @@ def _prepare(s, top, items, k, r, d_r_ok, c, rho, slot):  # pragma: no cover - c
             if not math.isfinite(s_ref):
                 return False
             slot[b, l] = pos
-            c[b, l] = math.exp(s_a - s_ref)
-            rho[b, l] = math.exp(s_m - s_ref)
+            # ratios to w_ref, then the pick's time scale alpha (inclusion._time_scale) and w_ref /= alpha
+            c_a, rho_a = math.exp(s_a - s_ref), math.exp(s_m - s_ref)
             for j in range(M):
-                d = np.float64(s[b, top[b, j]]) - s_ref
-                r[b, l, j] = 0.0 if j == pos else math.exp(min(d, 700.0))
-                d_r_ok[b, l, j] = j != pos and d < 700.0
+                r[b, l, j] = 0.0 if j == pos else math.exp(min(np.float64(s[b, top[b, j]]) - s_ref, 700.0))
+            tail_rate = max(rho_a * tail_sum[b] - (c_a if pos < 0 else 0.0), 0.0)  # a leaves the tail
+            x = 0.0
+            for _ in range(newton_steps):  # Newton from 0 on a concave increasing function: monotone
+                f, df = tail_rate * x - (k - 0.5), tail_rate
+                for j in range(M):
+                    e = math.exp(-r[b, l, j] * x)
+                    f += 1.0 - e
+                    df += r[b, l, j] * e
+                if not df > 0.0:  # nothing else has weight (all underflowed): K arrivals never come
+                    x = math.inf
+                    break
+                x -= f / df
+            r_kth = math.exp(np.float64(s[b, kth]) - s_ref)
+            alpha = min(max(x, 1.0 / (r_kth + tail_rate + c_a)), 1.0 / c_a) / target_time
+            if rho_a > 0.0:
+                alpha = min(alpha, max_series_arg / (2.0 * rho_a * x_max))
+            c[b, l] = c_a * alpha
+            rho[b, l] = rho_a * alpha
+            for j in range(M):  # capped at e^700 as before (an inf made exp's backward 0 * inf = NaN)
+                scaled = r[b, l, j] * alpha
+                d_r_ok[b, l, j] = j != pos and scaled < _MAX_RATIO
+                r[b, l, j] = min(scaled, _MAX_RATIO)
     return True
 
 
@@ -137,26 +162,83 @@ def _tail_sums(u, n_far, n_near, near, u_far, pw, vals, far_sums, near_sums):  #
 
 @numba.njit(cache=True, nogil=True)
 def _series_terms(y):  # pragma: no cover - compiled
-    """Terms of sum_i y^i / i! Q_i (Q_i <= Q_0) until a term falls below 1e-16 Q_0."""
+    """Terms of sum_i y^i / i! Q_i (Q_i <= Q_0) until a term falls below _SERIES_TOL Q_0."""
     term = 1.0
     for i in range(1, _MAX_TERMS + 1):
         term *= y / i
-        if i > y and term < 1e-16:
+        if i > y and term < _SERIES_TOL:
             return max(i - 1, 1)
     return _MAX_TERMS
 
 
 @numba.njit(cache=True, nogil=True)
 def _near_terms(y):  # pragma: no cover - compiled
-    """Terms of e^(-y) sum_i y^i / i! W_i, W_i = sum (1 - u)^i <= W_0 (1 - _NEAR)^i, until the rest is below 1e-16
-    W_0. (For i < y a term's maximum over the nodes' a <= y is ~(1 - _NEAR)^i; beyond y it is at a = y.)"""
+    """Terms of e^(-y) sum_i y^i / i! W_i, W_i = sum (1 - u)^i <= W_0 (1 - _NEAR)^i, until the rest is below
+    _SERIES_TOL W_0. (For i < y a term's maximum over the nodes' a <= y is ~(1 - _NEAR)^i; beyond y it is at
+    a = y.)"""
     z = y * (1.0 - _NEAR)
     log_term = -y  # log(e^-y z^i / i!)
     for i in range(1, _MAX_TERMS + 1):
         log_term += math.log(z / i)
-        if i > y and log_term < math.log(1e-16):
+        if i > y and log_term < _LOG_SERIES_TOL:
             return i
     return _MAX_TERMS
+
+
+# The Poisson-binomial DP of one pick. (Every numba function _forward calls lives in this file: numba's cache
+# is invalidated by changes to the caller's file only, so a callee elsewhere could run stale.)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _triangle_dp_forward(q, S):  # pragma: no cover - compiled
+    """S[j] (k, n) = distribution of the number of arrivals among the first j kept items (q (M, n): each
+    item's probability of not having arrived), from none. Item j arrives (count + 1) with probability 1 - q:
+    S'[c] = q S[c] + (1 - q) S[c-1], one FMA. After j items the count is at most j, so only c <= j + 1 is
+    updated: the upper triangle (K^2 / 2 of the M K cells) is never touched, nor read."""
+    M, n = q.shape
+    k = S.shape[1]
+    for t in range(n):
+        S[0, 0, t] = 1.0
+    for j in range(M):
+        for t in range(n):
+            S[j + 1, 0, t] = q[j, t] * S[j, 0, t]
+        for cc in range(1, min(j + 1, k)):
+            for t in range(n):
+                S[j + 1, cc, t] = S[j, cc - 1, t] + q[j, t] * (S[j, cc, t] - S[j, cc - 1, t])
+        if j + 1 < k:  # S[j, j + 1] = 0
+            for t in range(n):
+                S[j + 1, j + 1, t] = (1.0 - q[j, t]) * S[j, j, t]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _triangle_dp_adjoint(q, S, G, log_v, d_r):  # pragma: no cover - compiled
+    """The adjoint of ``_triangle_dp_forward``: on entry G (k, n) = dP/dS[M], and d_r[j] = sum_n log v_n
+    dP/dlog q_jn with dP/dlog q_jn = q_jn sum_c G_{j+1}[c] (S_j[c] - S_j[c-1]), over the same triangle
+    (S_j[c] = 0 for c > j; G_j is needed for c <= j only). Summed by parts, sum_c S_j[c] (G[c] - G[c+1]), so
+    that one pass over c both accumulates it and steps G back: G_j[c] = G[c+1] + q (G[c] - G[c+1]). Nodes
+    go four at a time (n is a multiple of 4), their accumulators in registers: 20% faster than a loop over
+    the nodes inside the loop over c."""
+    M, n = q.shape
+    k = G.shape[0]
+    for j in range(M - 1, -1, -1):
+        hi = min(j + 1, k - 1)  # S_{j+1} holds counts 0..hi, so G[c] is live for c <= hi
+        d = 0.0
+        for t in range(0, n, 4):
+            q0, q1, q2, q3 = q[j, t], q[j, t + 1], q[j, t + 2], q[j, t + 3]
+            a0 = a1 = a2 = a3 = 0.0
+            for cc in range(min(j, k - 1) + 1):  # S_j[c] = 0 beyond c = j
+                if cc + 1 <= hi:
+                    h0, h1, h2, h3 = G[cc + 1, t], G[cc + 1, t + 1], G[cc + 1, t + 2], G[cc + 1, t + 3]
+                else:  # the last count: its mass leaves the truncation, G[K] = 0
+                    h0 = h1 = h2 = h3 = 0.0
+                g0, g1, g2, g3 = G[cc, t] - h0, G[cc, t + 1] - h1, G[cc, t + 2] - h2, G[cc, t + 3] - h3
+                a0 += S[j, cc, t] * g0
+                a1 += S[j, cc, t + 1] * g1
+                a2 += S[j, cc, t + 2] * g2
+                a3 += S[j, cc, t + 3] * g3
+                G[cc, t], G[cc, t + 1], G[cc, t + 2], G[cc, t + 3] = h0 + q0 * g0, h1 + q1 * g1, h2 + q2 * g2, h3 + q3 * g3
+            d += q0 * a0 * log_v[t] + q1 * a1 * log_v[t + 1] + q2 * a2 * log_v[t + 2] + q3 * a3 * log_v[t + 3]
+        d_r[j] = d
 
 
 @numba.njit(cache=True, nogil=True)
@@ -234,6 +316,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
     near_sums = np.zeros(_MAX_TERMS + 1)
     lam, s2 = np.empty(n), np.empty(n)
     d_lam, d_s2 = np.empty(n), np.empty(n)
+    d0, d1, d2 = np.empty(n), np.empty(n), np.empty(n)
     lam_live, s2_live = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
     a_n, term, t1, t2, e1, e2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     pmf = np.empty((k, n))
@@ -289,16 +372,17 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
             for cc in range(1, k):
                 for t in range(n):
                     tail_cdf[cc, t] = tail_cdf[cc - 1, t] + pmf[cc, t]
-            triangle_dp_forward(q[b, l], S)
+            _triangle_dp_forward(q[b, l], S)
             # quadrature: jw_n = w_n c v_n^(c-1), the Jacobian of q = v^c
-            total = 0.0
             for t in range(n):
                 jw[t] = weights[t] * math.exp(math.log(c_a) + (c_a - 1.0) * log_v[t]) if c_a > 0.0 else 0.0
-                f = 0.0
-                for cc in range(k):
-                    f += S[M, cc, t] * tail_cdf[k - 1 - cc, t]
-                acc[t] = f  # F_n, kept for d_pick
-                total += jw[t] * f
+                acc[t] = 0.0  # F_n, kept for d_pick
+            for cc in range(k):  # (counts outer, nodes inner: vectorised)
+                for t in range(n):
+                    acc[t] += S[M, cc, t] * tail_cdf[k - 1 - cc, t]
+            total = 0.0
+            for t in range(n):
+                total += jw[t] * acc[t]
             clamped = total > 1.0
             p_out[b, l] = min(total, 1.0)
             if not need_grad:
@@ -317,27 +401,31 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
                     G[cc, t] = jw[t] * tail_cdf[k - 1 - cc, t]
             # dP / d pmf[c'] = jw sum_{c <= K-1-c'} S_M[c] = kept_cdf[K-1-c']
             for t in range(n):
-                run = 0.0
-                for cc in range(k):
-                    run += S[M, cc, t]
-                    kept_cdf[cc, t] = jw[t] * run
-            triangle_dp_adjoint(q[b, l], S, G, acc, log_v, d_r)
+                kept_cdf[0, t] = jw[t] * S[M, 0, t]
+            for cc in range(1, k):
+                for t in range(n):
+                    kept_cdf[cc, t] = kept_cdf[cc - 1, t] + jw[t] * S[M, cc, t]
+            _triangle_dp_adjoint(q[b, l], S, G, log_v, d_r)
             for j in range(M):
                 d_kept[b, l, j] = d_r[j] * r[b, l, j] if d_r_ok[b, l, j] else 0.0
             if has_tail:
+                # d/d(a0, a1, a2) of the coefficients of f = exp(a0 + a1 z + a2 z^2) is z^i f: f shifted by i;
+                # dP / d pmf[c] = kept_cdf[K-1-c]
                 for t in range(n):
-                    # d/d(a0, a1, a2) of the coefficients of f = exp(a0 + a1 z + a2 z^2) is z^i f: f shifted by i
-                    d0 = d1 = d2 = 0.0
-                    for cc in range(k):
-                        g = kept_cdf[k - 1 - cc, t]  # dP / d pmf[cc]
-                        d0 += g * pmf[cc, t]
-                        if cc >= 1:
-                            d1 += g * pmf[cc - 1, t]
-                        if cc >= 2:
-                            d2 += g * pmf[cc - 2, t]
-                    # a0 = -lam - s2/2, a1 = lam + s2, a2 = -s2/2
-                    d_lam[t] = (d1 - d0) if lam_live[t] else 0.0
-                    d_s2[t] = (d1 - 0.5 * d0 - 0.5 * d2) if s2_live[t] else 0.0
+                    d0[t] = kept_cdf[k - 1, t] * pmf[0, t]
+                    d1[t] = 0.0
+                    d2[t] = 0.0
+                for cc in range(1, k):
+                    for t in range(n):
+                        g = kept_cdf[k - 1 - cc, t]
+                        d0[t] += g * pmf[cc, t]
+                        d1[t] += g * pmf[cc - 1, t]
+                for cc in range(2, k):
+                    for t in range(n):
+                        d2[t] += kept_cdf[k - 1 - cc, t] * pmf[cc - 2, t]
+                for t in range(n):  # a0 = -lam - s2/2, a1 = lam + s2, a2 = -s2/2
+                    d_lam[t] = (d1[t] - d0[t]) if lam_live[t] else 0.0
+                    d_s2[t] = (d1[t] - 0.5 * d0[t] - 0.5 * d2[t]) if s2_live[t] else 0.0
                     if slot[b, l] < 0:  # a's own terms -p_a, -p_a^2: d p_a / d s_a = c x e^(-c x)
                         e = math.exp(-c_a * x[t])
                         grad_a -= (d_lam[t] + 2.0 * (1.0 - e) * d_s2[t]) * c_a * x[t] * e
@@ -405,13 +493,9 @@ def _backward(grad_p, d_kept, d_pick, beta, gamma, terms, near, u, top, items, t
 class _ExactInclusion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, top, items, k, log_v, weights, prepared, need_grad):
-        r, d_r_ok, c, rho, slot = prepared
+        r, d_r_ok, c, rho, slot, u = prepared
         B, L, M = r.shape
         q = torch.exp((torch.from_numpy(r)[..., None] * log_v).clamp_min_(_LOG_Q_FLOOR))  # (B, L, M, n)
-        s = s.detach()
-        # tail weights relative to the M-th kept logit, in the logits' dtype (their rounding is far below the
-        # method's error); the kept items' entries are never read
-        u = _exp_or_zero((s - s.gather(1, top[:, -1:])).clamp_max_(0.0)).scatter_(1, top, 0.0)
         p = np.empty((B, L))
         d_kept = np.empty((B, L, M) if need_grad else (0, 0, 0))
         d_pick = np.empty((B, L) if need_grad else (0, 0))
@@ -445,10 +529,22 @@ def exact_inclusion_cpu(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor,
     top, items = top.to(torch.int64).contiguous(), items.to(torch.int64).contiguous()
     B, L = items.shape
     M = top.shape[1]
+    with torch.no_grad():
+        # tail weights relative to the M-th kept logit, in the logits' dtype (their rounding is far below the
+        # method's error), 0 on the kept items
+        u = _exp_or_zero((s - s.gather(1, top[:, -1:])).clamp_max_(0.0)).scatter_(1, top, 0.0)
+        tail_sum = u.sum(dim=1).double()  # (only for the time scale: float32 is plenty; a float64 sum copies u)
     prepared = (np.empty((B, L, M)), np.empty((B, L, M), dtype=np.bool_), np.empty((B, L)), np.empty((B, L)),
                 np.empty((B, L), dtype=np.int64))
-    if not _prepare(s.detach().numpy(), top.numpy(), items.numpy(), k, *prepared):
+    # the time-scale constants go in as arguments: numba's cache would keep another module's globals stale
+    if not _prepare(s.detach().numpy(), top.numpy(), items.numpy(), k, tail_sum.numpy(), float(-log_v.min()),
+                    NEWTON_STEPS, TARGET_TIME, MAX_SERIES_ARG, *prepared):
         return None
+    prepared += (u,)
     need_grad = s.requires_grad and torch.is_grad_enabled()  # (grad mode is off inside forward)
-    return _ExactInclusion.apply(s, top, items, k, log_v.double().contiguous(), weights.double().contiguous(),
-                                 prepared, need_grad)
+    # nodes padded to a multiple of 4 for the adjoint: v = 1 (nothing has arrived), weight 0 (adds nothing)
+    log_v, weights = log_v.double(), weights.double()
+    if log_v.shape[0] % 4:
+        pad = log_v.new_zeros(-log_v.shape[0] % 4)
+        log_v, weights = torch.cat((log_v, pad)), torch.cat((weights, pad))
+    return _ExactInclusion.apply(s, top, items, k, log_v, weights, prepared, need_grad)

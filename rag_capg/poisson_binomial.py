@@ -53,6 +53,11 @@ try:  # pragma: no cover - exercised whenever numba imports
 except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
 
+# The exponential race's time scale (``inclusion._time_scale``), shared by its torch and numba implementations.
+NEWTON_STEPS = 5  # Newton steps on the expected number of arrivals (a scale, not a root: 4 gave the same accuracy as 8)
+TARGET_TIME = 1.0  # a pick's time scale lands at x = -log v = 1, where the fixed quadrature resolves best
+MAX_SERIES_ARG = 40.0  # and no further than 2 rho x = 40 in the numba tail's series (terms grow like e^(2 rho x))
+
 _BLOCK = 64  # columns per block: the (M+1, K, block) prefix states (665 KB at M=64, K=20) stay in L2
 
 
@@ -122,59 +127,6 @@ if _HAVE_NUMBA:
             for c in range(K):
                 for t in range(n):
                     d_state0[c, x0 + t] = G[c, t]
-
-
-if _HAVE_NUMBA:
-    # The DP for one pick of ``rag_capg.inclusion_exact_cpu`` (nodes innermost), from no arrivals.
-
-    @numba.njit(cache=True, nogil=True, fastmath={"contract"})
-    def triangle_dp_forward(q, S):  # pragma: no cover - compiled
-        """S[j] (k, n) = distribution of the number of arrivals among the first j kept items (q (M, n): each
-        item's probability of not having arrived), from none. Item j arrives (count + 1) with probability 1 - q:
-        S'[c] = q S[c] + (1 - q) S[c-1], one FMA. After j items the count is at most j, so only c <= j + 1 is
-        updated: the upper triangle (K^2 / 2 of the M K cells) is never touched, nor read."""
-        M, n = q.shape
-        k = S.shape[1]
-        for t in range(n):
-            S[0, 0, t] = 1.0
-        for j in range(M):
-            for t in range(n):
-                S[j + 1, 0, t] = q[j, t] * S[j, 0, t]
-            for cc in range(1, min(j + 1, k)):
-                for t in range(n):
-                    S[j + 1, cc, t] = S[j, cc - 1, t] + q[j, t] * (S[j, cc, t] - S[j, cc - 1, t])
-            if j + 1 < k:  # S[j, j + 1] = 0
-                for t in range(n):
-                    S[j + 1, j + 1, t] = (1.0 - q[j, t]) * S[j, j, t]
-
-
-    @numba.njit(cache=True, nogil=True, fastmath={"contract"})
-    def triangle_dp_adjoint(q, S, G, acc, log_v, d_r):  # pragma: no cover - compiled
-        """The adjoint of ``triangle_dp_forward``: on entry G (k, n) = dP/dS[M], and d_r[j] = sum_n log v_n dP/dlog q_jn
-        with dP/dlog q_jn = q_jn sum_c G_{j+1}[c] (S_j[c] - S_j[c-1]), over the same triangle (S_j[c] = 0 for
-        c > j; G_j is needed for c <= j only)."""
-        M, n = q.shape
-        k = G.shape[0]
-        for j in range(M - 1, -1, -1):
-            top = min(j + 1, k - 1)  # highest count S_{j+1} can hold
-            for t in range(n):
-                acc[t] = G[0, t] * S[j, 0, t]
-            for cc in range(1, min(j + 1, k)):
-                for t in range(n):
-                    acc[t] += G[cc, t] * (S[j, cc, t] - S[j, cc - 1, t])
-            if j + 1 < k:
-                for t in range(n):
-                    acc[t] -= G[j + 1, t] * S[j, j, t]
-            d = 0.0
-            for t in range(n):
-                d += q[j, t] * acc[t] * log_v[t]
-            d_r[j] = d
-            for cc in range(min(j + 1, top)):  # c <= j, reading G[c + 1] <= top
-                for t in range(n):
-                    G[cc, t] = G[cc + 1, t] + q[j, t] * (G[cc, t] - G[cc + 1, t])
-            if top == k - 1 and j >= k - 1:  # the last count has no c + 1 (its mass leaves the truncation)
-                for t in range(n):
-                    G[k - 1, t] = q[j, t] * G[k - 1, t]
 
 
 def _run_kernel(log_q: torch.Tensor, state0: torch.Tensor, need_grad: bool, col_scale: torch.Tensor | None = None):

@@ -263,9 +263,12 @@ def test_invalid_arguments_raise():
         inclusion_prob_exact(s, torch.tensor([[10]]), 2)
 
 
-def test_exact_stays_finite_when_the_top_logit_is_hundreds_of_nats_ahead():
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_exact_stays_finite_when_the_top_logit_is_hundreds_of_nats_ahead(kernels, monkeypatch):
     # A policy late in training at a high learning rate: the best item ~720 nats above the rest, where
-    # exp(top - tail bound) overflows float64. Its log P is 0 and every gradient must be finite (it was NaN).
+    # exp(top - tail bound) overflows float64. Its log P is 0 and every gradient must be finite (it was NaN),
+    # on the fused CPU node and on the torch path (RAG_CAPG_NO_NUMBA=1).
+    monkeypatch.setenv("RAG_CAPG_NO_NUMBA", kernels)
     s = torch.randn(2, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 50
     s[:, 0] = s[:, 1:].max(dim=1).values + 720.0
     items = torch.tensor([[0], [1]])  # the runaway best item, and an ordinary one
