@@ -84,7 +84,7 @@ def _validate(estimator: str, logits: torch.Tensor, lists: torch.Tensor, picks: 
 
 
 def surrogate_loss(estimator: Estimator, logits: torch.Tensor, lists: torch.Tensor, picks: torch.Tensor,
-                   rewards: torch.Tensor, *, exact_nodes: int = 16, exact_top_m: int | None = 23,
+                   rewards: torch.Tensor, *, exact_nodes: int = 12, exact_top_m: int | None = 23,
                    exact_tail: Literal["exact", "linear"] = "exact") -> torch.Tensor:
     """Scalar surrogate loss whose gradient w.r.t. logits is minus the estimator's policy gradient.
 

@@ -86,7 +86,7 @@ class TrainConfig:
     group_size: int = field(default=1, metadata={"help": "G: candidate lists sampled per query"})
     baseline: Literal["none", "group_min_shift"] = field(default="none", metadata={"help": (
         "none, or group-normalised rewards shifted by the group minimum (stays >= 0 for CA-PG; needs G > 1)")})
-    exact_nodes: int = field(default=16, metadata={"help": "capg_exact: quadrature nodes"})
+    exact_nodes: int = field(default=12, metadata={"help": "capg_exact: quadrature nodes"})
     exact_top_m: int | None = field(default=23, metadata={"help": (
         "capg_exact: exact race over the top_m + 1 items, the rest as a tail term (null = all N items)")})
 

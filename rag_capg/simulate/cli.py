@@ -66,7 +66,7 @@ class SimulateConfig:
                                                                          "vpg_swr"})
     lr_capg: float = field(default=DEFAULT_LR["capg"], metadata={"help": "Adagrad learning rate of capg, "
                                                                            "capg_exact and top1"})
-    exact_nodes: int = field(default=16, metadata={"help": "quadrature nodes of capg_exact"})
+    exact_nodes: int = field(default=12, metadata={"help": "quadrature nodes of capg_exact"})
     exact_top_m: int | None = field(default=23, metadata={"help": "capg_exact: the top_m + 1 heaviest items go "
                                                                     "through the exact race, the rest through a "
                                                                     "second-order tail term (none = all items)"})

@@ -87,7 +87,7 @@ def _all_finite(tensors) -> bool:
 
 def train_step(esr: TwoTowerESR, opt: torch.optim.Optimizer, env: SyntheticEnv, *, estimator: str, k: int,
                num_picks: int, lsr: LSRKind, temperature: float, batch_size: int, generator: torch.Generator,
-               exact_nodes: int = 16, exact_top_m: int | None = 23) -> str | None:
+               exact_nodes: int = 12, exact_top_m: int | None = 23) -> str | None:
     """One training step: sample contexts, ESR logits, Gumbel top-K lists, LSR picks, rewards, surrogate
     loss, backward, Adagrad update. Returns None, or why the step went non-finite (nothing is updated then,
     except when the parameters themselves came out non-finite)."""
@@ -117,7 +117,7 @@ def train_step(esr: TwoTowerESR, opt: torch.optim.Optimizer, env: SyntheticEnv, 
 def run(env: SyntheticEnv, *, estimator: str, k: int, num_picks: int = 1, lsr: LSRKind = "optimal",
         temperature: float = 1.0, steps: int = 10_000, eval_every: int = 1000, eval_contexts: int = 10_000,
         batch_size: int = 128, lr: float | None = None, embed_dim: int = 10, init_std: float = 1.0,
-        seed: int = 0, exact_nodes: int = 16, exact_top_m: int | None = 23, device: str = "cpu",
+        seed: int = 0, exact_nodes: int = 12, exact_top_m: int | None = 23, device: str = "cpu",
         on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train one ESR with ``estimator`` and return its evaluation curve (deterministic given ``seed``)."""
     if not 1 <= num_picks <= k <= env.num_items:
