@@ -15,7 +15,7 @@ On CPU, for float32 / float64 rows, a numba kernel does it in three short passes
 3. Insertion-sort the survivors into the k best, in index order, so that equal values keep the earlier
    index first.
 
-At k = 20, N = 1,000 this is about 4x faster than ``torch.topk`` on one core (0.28 ms for 128 rows against
+At k = 20, N = 1,000 this is about 5x faster than ``torch.topk`` on one core (0.22 ms for 128 rows against
 1.2 ms; the min-heap it replaced took 0.6 ms), and it serves every top-K of a training step (the Gumbel
 top-K sample, the deterministic top-K of CA-PG's approximation). The bound loosens as k grows (lanes get
 shorter, more entries survive, and each insertion shifts up to k entries), so past k = 64 ``torch.topk``
@@ -64,14 +64,15 @@ if _HAVE_NUMBA:
             tau = lane_max[0]
             for j in range(1, k):
                 tau = lane_max[j] if lane_max[j] < tau else tau
-            # 2. the survivors, in index order (NaN < tau is false: NaNs survive)
+            # 2. the survivors, in index order (NaN < tau is false: NaNs survive). Branch-free: every entry is
+            #    written and only a survivor moves the count (~7% survive: a branch mispredicted on each cost
+            #    0.065 ms of 0.29 at k = 20, 128 x 1,000)
             count = 0
             for i in range(N):
                 v = x[b, i]
-                if not v < tau:
-                    cand_val[count] = v
-                    cand_idx[count] = i
-                    count += 1
+                cand_val[count] = v
+                cand_idx[count] = i
+                count += not v < tau
             # 3. insertion into best_val (descending); a survivor equal to a kept value goes after it
             filled = 0
             for c in range(count):
