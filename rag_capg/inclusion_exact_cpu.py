@@ -109,7 +109,7 @@ def _prepare(s, top, items, k, tail_sum, x_max, newton_steps, target_time, max_s
                     break
                 x -= f / df
             r_kth = math.exp(np.float64(s[b, kth]) - s_ref)
-            alpha = min(max(x, 1.0 / (r_kth + tail_rate + c_a)), 1.0 / c_a) / target_time
+            alpha = min(max(x, 1.0 / (r_kth + tail_rate + c_a)), 1.0 / c_a if c_a > 0.0 else math.inf) / target_time
             if rho_a > 0.0:
                 alpha = min(alpha, max_series_arg / (2.0 * rho_a * x_max))
             c[b, l] = c_a * alpha

@@ -97,6 +97,19 @@ def test_non_finite_rows_fall_back_to_the_torch_path(monkeypatch):
     torch.testing.assert_close(got, inclusion_prob_exact(s, items, 10, top_m=11), equal_nan=True)
 
 
+def test_a_weightless_pick_has_probability_zero_and_a_finite_gradient():
+    s = benchmark_logits(2, 80, 1.0, seed=7)
+    s[:, 70:] = float("-inf")  # masked items: never drawn, but a caller may still ask about one
+    items = torch.tensor([[75, 3], [0, 79]])
+    x = s.clone().requires_grad_(True)
+    p = inclusion_prob_exact(x, items, 10, num_nodes=16, top_m=23)
+    (grad,) = torch.autograd.grad(p.sum(), x)
+    assert p[0, 0] == 0 and p[1, 1] == 0 and p[0, 1] > 0 and p[1, 0] > 0
+    assert bool(torch.isfinite(grad).all())
+    (_, g_fused), (_, g_ref) = both(s, torch.tensor([[3], [0]]), 10, 23, 16, torch.ones(2, 1, dtype=torch.float64))
+    torch.testing.assert_close(g_fused[:, :70], g_ref[:, :70], atol=1e-12, rtol=1e-10)
+
+
 def exact_poisson_binomial(p: torch.Tensor, k: int) -> torch.Tensor:
     """Prob[count = c], c < k, of independent Bernoulli(p_j), by enumerating every outcome."""
     out = torch.zeros(k, dtype=torch.float64)
