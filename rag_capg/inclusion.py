@@ -29,7 +29,7 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
    it by its own alpha (``_time_scale``) so that the integrand's step -- where G falls from 1 to 0, at v ~ 0.8
    for a flat policy, far lower for a sharp one -- always lands where the nodes are. Near v = 0 the
    integrand behaves like a non-integer power of v, so the nodes are Gauss-Legendre in y with v = y^(3/2)
-   (``_quadrature_01``). Together: 16 nodes give ~1e-4, where 32 plain ones gave ~2e-4 (eval/RESULTS.md).
+   (``_quadrature_01``). Together: 12 nodes give ~1e-4 (16: a few 1e-5), where 32 plain ones gave ~2e-4.
    G is a Poisson-binomial CDF truncated at K-1: a dynamic programme over the others (state: Prob[count =
    0..K-1]) at every node.
    (Caveat, measured: for a pick with P ~ 1, the quadrature's derivative w.r.t. c is 1 + sum_n w_n log v_n,
@@ -152,9 +152,9 @@ _NODE_POWER = 1.5
 def _quadrature_01(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights on [0, 1] for the race integral: Gauss-Legendre in y, then v = y^(3/2).
 
-    Near v = 0 the integrand behaves like v^alpha with a non-integer alpha (G(v) ~ v^(sum of the light
-    others' r_j), times c v^(c-1)); its derivatives blow up there and plain Gauss-Legendre converges slowly.
-    v = y^p turns that into y^(p (alpha + 1) - 1), smoother, at the cost of fewer nodes near v = 1, where the
+    Near v = 0 the integrand behaves like v^e with a non-integer e (G(v) ~ v^(sum of the light others' r_j),
+    times c v^(c-1)); its derivatives blow up there and plain Gauss-Legendre converges slowly. v = y^p turns
+    that into y^(p (e + 1) - 1), smoother, at the cost of fewer nodes near v = 1, where the
     heavy items' v^(r_j) are steep. p = 3/2 was best of 1 / 1.5 / 2 / 2.5 / 3 on the synthetic benchmark's
     logits (eval/RESULTS.md).
     """

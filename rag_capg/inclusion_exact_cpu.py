@@ -21,7 +21,8 @@ over (B, L, N, nodes) for the tail: ~11 ms for 128 picks at N = 1,000, K = 20, f
 The tail without a pass over (N, nodes) per pick. With a_n = rho x_n, x_n = -log v_n, the far items
 (u < 1/8, most of the tail) expand around u = 0:
 
-    sum_far (1 - e^(-a u)) = sum_i (-1)^(i+1) a^i / i! Q_i,   sum_far (1 - e^(-a u))^2 = sum_i (-1)^i (2^i - 2) a^i / i! Q_i,
+    sum_far (1 - e^(-a u))   = sum_i (-1)^(i+1) a^i / i! Q_i,
+    sum_far (1 - e^(-a u))^2 = sum_i (-1)^i (2^i - 2) a^i / i! Q_i,
 
 Q_i = sum_far u^i, and the near ones (the tail's head, a few dozen) around u = 1, where every term is >= 0
 (no cancellation, however large a): e^(-a u) = e^(-a) sum_i a^i (1 - u)^i / i!. The row's sums Q_i and
@@ -236,7 +237,8 @@ def _triangle_dp_adjoint(q, S, G, log_v, d_r):  # pragma: no cover - compiled
                 a1 += S[j, cc, t + 1] * g1
                 a2 += S[j, cc, t + 2] * g2
                 a3 += S[j, cc, t + 3] * g3
-                G[cc, t], G[cc, t + 1], G[cc, t + 2], G[cc, t + 3] = h0 + q0 * g0, h1 + q1 * g1, h2 + q2 * g2, h3 + q3 * g3
+                G[cc, t], G[cc, t + 1] = h0 + q0 * g0, h1 + q1 * g1
+                G[cc, t + 2], G[cc, t + 3] = h2 + q2 * g2, h3 + q3 * g3
             d += q0 * a0 * log_v[t] + q1 * a1 * log_v[t + 1] + q2 * a2 * log_v[t + 2] + q3 * a3 * log_v[t + 3]
         d_r[j] = d
 

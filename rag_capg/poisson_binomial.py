@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
 
 # The exponential race's time scale (``inclusion._time_scale``), shared by its torch and numba implementations.
-NEWTON_STEPS = 5  # Newton steps on the expected number of arrivals (a scale, not a root: 4 gave the same accuracy as 8)
+NEWTON_STEPS = 5  # on the expected number of arrivals: a scale, not a root (4 steps were as accurate as 8)
 TARGET_TIME = 1.0  # a pick's time scale lands at x = -log v = 1, where the fixed quadrature resolves best
 MAX_SERIES_ARG = 40.0  # and no further than 2 rho x = 40 in the numba tail's series (terms grow like e^(2 rho x))
 
