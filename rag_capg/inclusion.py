@@ -24,10 +24,11 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
 
        P(a in S) = int_0^1 c v^(c-1) G(v) dv,   G(v) = Prob[ PB({1 - v^(w_j / w_ref)}) <= K-1 ].
 
-   Now only the <= K-1 items heavier than w_ref have exponents > 1, and c v^(c-1) G(v) stays bounded. The
-   integral does not depend on w_ref, so it is a free time scale, taken without gradient: each pick divides
-   it by its own alpha (``_time_scale``) so that the integrand's step -- where G falls from 1 to 0, at v ~ 0.8
-   for a flat policy, far lower for a sharp one -- always lands where the nodes are. Near v = 0 the
+   Now (before the time scale below) only the <= K-1 items heavier than w_ref have exponents > 1, and
+   c v^(c-1) G(v) stays bounded. The integral does not depend on w_ref, so it is a free time scale, taken
+   without gradient: each pick divides it by its own alpha (``_time_scale``) so that the integrand's step --
+   where G falls from 1 to 0, at v ~ 0.8 for a flat policy, far lower for a sharp one -- always lands where
+   the nodes are. Near v = 0 the
    integrand behaves like a non-integer power of v, so the nodes are Gauss-Legendre in y with v = y^(3/2)
    (``_quadrature_01``). Together: 12 nodes give ~1e-4 (16: a few 1e-5), where 32 plain ones gave ~2e-4.
    G is a Poisson-binomial CDF truncated at K-1: a dynamic programme over the others (state: Prob[count =
@@ -44,7 +45,7 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
    Poisson process of rate sum_tail w_j / w_ref (drawn with replacement; O(1) per node; no second-order
    term). Every tail weight is <= the kept ones', so with top_m >= K every p_j is below the K-th other's.
 
-   On CPU (numba, finite logits, ``tail="exact"``) all of it is one fused autograd node,
+   On CPU (numba, a finite row maximum and reference weights, ``tail="exact"``) all of it is one fused node,
    ``rag_capg.inclusion_exact_cpu``: the tail sums from the row's power sums instead of a pass over
    (N, nodes) per pick, the DP and its adjoint per pick. ``_exact_torch`` is the same maths in torch ops
    under autograd, for other devices and as the tests' reference.
@@ -193,7 +194,7 @@ def inclusion_prob_exact(logits: torch.Tensor, items: torch.Tensor, k: int, *, n
     top_m: if set (>= K), the race keeps the top_m + 1 heaviest items exactly (a's own slot, if it is one
     of them, left empty) and the rest goes into a tail term: "exact", to second order in its p_j(v), or
     "linear", one Poisson process of their total weight (module docstring). None = all N - 1 others
-    exactly. On CPU with finite logits and an exact tail: one fused node (``rag_capg.inclusion_exact_cpu``);
+    exactly. On CPU with an exact tail (and finite row maxima): one fused node (``rag_capg.inclusion_exact_cpu``);
     otherwise the torch expression ``_exact_torch``, which is also the reference in the tests.
     """
     _check(logits, items, k)

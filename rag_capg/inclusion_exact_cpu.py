@@ -36,7 +36,8 @@ Derivatives (w_ref and w_M are held fixed: P depends only on ratios of weights):
                 in u_j (or 1 - u_j) per item in ``_backward``
     lam, s2     through the start f = exp(a0 + a1 z + a2 z^2): df_c / da_i = f_{c-i}
     a itself    sum_n w_n F_n jac_n (1 + c log v_n), plus its tail terms if it is in the tail
-P is clamped to [0, 1] like the torch path. tests/test_inclusion_exact_cpu.py checks values and gradients
+P is clamped at 1 like the torch path (it is never negative: every factor is >= 0, and the tail's CDF stays
+>= 0 since s2 <= lam). tests/test_inclusion_exact_cpu.py checks values and gradients
 against ``inclusion._exact_torch``, which sums the tail's p_j directly.
 """
 
@@ -53,17 +54,18 @@ from rag_capg.policy import _exp_or_zero
 
 __all__ = ["exact_inclusion_cpu"]
 
-_MAX_TERMS = 96  # series terms: enough for 2 rho x <= ~40, i.e. any node set down to v ~ 2e-9
+_MAX_TERMS = 96  # series terms: 2 rho x <= MAX_SERIES_ARG = 40 needs <= 81 (_near_terms(40))
 _SMALL_U = 1e-10  # tail weights below this enter the first power sum only: (rho x u)^2 / (rho x u) < 1e-8 and their
 # share of lambda ~1e-10: below round-off. Their powers would underflow into slow subnormals.
-_MAX_FAR_TERMS = 30  # _SMALL_U^30 = 1e-300 is still normal
+_MAX_FAR_TERMS = 30  # _SMALL_U^30 = 1e-300 is still normal. (At 2 rho x = 40 the far series wants 31: up to
+# ~6e-13 relative error there, above _SERIES_TOL, in a corner where a flat tail meets the cap.)
 # Tail weights u >= _NEAR ("near": the tail's head, a few dozen items) are expanded around u = 1, with every term
 # their series needs; the rest around u = 0, to the terms rho x _NEAR needs (e.g. 22 rather than 60).
 _NEAR = 0.125
 _SERIES_TOL = 1e-13  # relative truncation error of the tail series: far below the method's (~1e-5 .. 1e-4)
 _LOG_SERIES_TOL = math.log(_SERIES_TOL)
 _MAX_RATIO = math.exp(700.0)  # r_j capped here: v^r is 0 at every node anyway
-_LOG_Q_FLOOR = -700.0  # v^r below e^-700 is 0 for the DP; torch's exp is slow on subnormal results
+_LOG_Q_FLOOR = -700.0  # v^r below e^-700 is taken as 0 (torch's exp is slow on subnormal results)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -96,7 +98,9 @@ def _prepare(s, top, items, k, tail_sum, x_max, newton_steps, target_time, max_s
             # ratios to w_ref, then the pick's time scale alpha (inclusion._time_scale) and w_ref /= alpha
             c_a, rho_a = math.exp(s_a - s_ref), math.exp(s_m - s_ref)
             for j in range(M):
-                r[b, l, j] = 0.0 if j == pos else math.exp(min(np.float64(s[b, top[b, j]]) - s_ref, 700.0))
+                d = np.float64(s[b, top[b, j]]) - s_ref
+                r[b, l, j] = 0.0 if j == pos else math.exp(min(d, 700.0))
+                d_r_ok[b, l, j] = j != pos and d < 700.0  # (and below, not capped after scaling either)
             tail_rate = max(rho_a * tail_sum[b] - (c_a if pos < 0 else 0.0), 0.0)  # a leaves the tail
             x = 0.0
             for _ in range(newton_steps):  # Newton from 0 on a concave increasing function: monotone
@@ -111,13 +115,13 @@ def _prepare(s, top, items, k, tail_sum, x_max, newton_steps, target_time, max_s
                 x -= f / df
             r_kth = math.exp(np.float64(s[b, kth]) - s_ref)
             alpha = min(max(x, 1.0 / (r_kth + tail_rate + c_a)), 1.0 / c_a if c_a > 0.0 else math.inf) / target_time
-            if rho_a > 0.0:
+            if rho_a > 0.0 and M < s.shape[1]:  # (no tail, no series)
                 alpha = min(alpha, max_series_arg / (2.0 * rho_a * x_max))
             c[b, l] = c_a * alpha
             rho[b, l] = rho_a * alpha
             for j in range(M):  # capped at e^700 as before (an inf made exp's backward 0 * inf = NaN)
                 scaled = r[b, l, j] * alpha
-                d_r_ok[b, l, j] = j != pos and scaled < _MAX_RATIO
+                d_r_ok[b, l, j] = d_r_ok[b, l, j] and scaled < _MAX_RATIO
                 r[b, l, j] = min(scaled, _MAX_RATIO)
     return True
 
@@ -497,7 +501,9 @@ class _ExactInclusion(torch.autograd.Function):
     def forward(ctx, s, top, items, k, log_v, weights, prepared, need_grad):
         r, d_r_ok, c, rho, slot, u = prepared
         B, L, M = r.shape
-        q = torch.exp((torch.from_numpy(r)[..., None] * log_v).clamp_min_(_LOG_Q_FLOOR))  # (B, L, M, n)
+        log_q = torch.from_numpy(r)[..., None] * log_v  # (B, L, M, n)
+        # 0 below the floor, not e^-700: the adjoint's dq/dlog q = q times r ~ e^700 would be O(1)
+        q = torch.exp(log_q.clamp_min(_LOG_Q_FLOOR)).masked_fill_(log_q < _LOG_Q_FLOOR, 0.0)
         p = np.empty((B, L))
         d_kept = np.empty((B, L, M) if need_grad else (0, 0, 0))
         d_pick = np.empty((B, L) if need_grad else (0, 0))
@@ -534,7 +540,9 @@ def exact_inclusion_cpu(s: torch.Tensor, top: torch.Tensor, items: torch.Tensor,
     with torch.no_grad():
         # tail weights relative to the M-th kept logit, in the logits' dtype (their rounding is far below the
         # method's error), 0 on the kept items
-        u = _exp_or_zero((s - s.gather(1, top[:, -1:])).clamp_max_(0.0)).scatter_(1, top, 0.0)
+        s_m = s.gather(1, top[:, -1:])
+        s_m = torch.where(s_m > float("-inf"), s_m, 0.0)  # a -inf bound: its whole tail is -inf (u = 0, not NaN)
+        u = _exp_or_zero((s - s_m).clamp_max_(0.0)).scatter_(1, top, 0.0)
         tail_sum = u.sum(dim=1).double()  # (only for the time scale: float32 is plenty; a float64 sum copies u)
     prepared = (np.empty((B, L, M)), np.empty((B, L, M), dtype=np.bool_), np.empty((B, L)), np.empty((B, L)),
                 np.empty((B, L), dtype=np.int64))

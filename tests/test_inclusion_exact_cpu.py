@@ -110,6 +110,33 @@ def test_a_weightless_pick_has_probability_zero_and_a_finite_gradient():
     torch.testing.assert_close(g_fused[:, :70], g_ref[:, :70], atol=1e-12, rtol=1e-10)
 
 
+def test_a_weightless_tail_bound_gives_the_torch_answer_not_nan(monkeypatch):
+    # fewer than top_m + 1 items of positive weight: the M-th kept logit is -inf, and so is its whole tail
+    s = torch.randn(1, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s[0, 15:] = float("-inf")
+    items = torch.tensor([[0, 3]])
+    x = s.clone().requires_grad_(True)
+    p = inclusion_prob_exact(x, items, 5, num_nodes=16, top_m=23)
+    (grad,) = torch.autograd.grad(p.sum(), x)
+    monkeypatch.setenv("RAG_CAPG_NO_NUMBA", "1")
+    y = s.clone().requires_grad_(True)
+    p_ref = inclusion_prob_exact(y, items, 5, num_nodes=16, top_m=23)
+    (grad_ref,) = torch.autograd.grad(p_ref.sum(), y)
+    torch.testing.assert_close(p, p_ref, atol=1e-13, rtol=1e-11)
+    torch.testing.assert_close(grad[:, :15], grad_ref[:, :15], atol=1e-12, rtol=1e-10)
+
+
+def test_no_gradient_through_an_item_hundreds_of_nats_above_the_scale():
+    # q = v^r underflows to 0 for such an item; flooring it at e^-700 instead left dq/dlog q = e^-700 times
+    # r ~ e^700 in the adjoint: an O(1) gradient where the true one is 0
+    s = torch.randn(1, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s[0, 0] = 700.0
+    (p_fused, g_fused), (p_ref, g_ref) = both(s, torch.tensor([[5]]), 5, 10, 16, torch.ones(1, 1, dtype=torch.float64))
+    torch.testing.assert_close(p_fused, p_ref, atol=1e-13, rtol=1e-11)
+    assert g_fused[0, 0] == 0 and g_ref[0, 0] == 0
+    torch.testing.assert_close(g_fused, g_ref, atol=1e-12, rtol=1e-10)
+
+
 def exact_poisson_binomial(p: torch.Tensor, k: int) -> torch.Tensor:
     """Prob[count = c], c < k, of independent Bernoulli(p_j), by enumerating every outcome."""
     out = torch.zeros(k, dtype=torch.float64)
