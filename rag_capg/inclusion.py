@@ -30,7 +30,8 @@ CA-PG credits each LSR-picked item a with r(a) * grad log P(a in S_K). Two ways 
    where G falls from 1 to 0, at v ~ 0.8 for a flat policy, far lower for a sharp one -- always lands where
    the nodes are. Near v = 0 the
    integrand behaves like a non-integer power of v, so the nodes are Gauss-Legendre in y with v = y^(3/2)
-   (``_quadrature_01``). Together: 12 nodes give ~1e-4 (16: a few 1e-5), where 32 plain ones gave ~2e-4.
+   (``_quadrature_01``). Together, with top_m 23: 12 nodes are about as accurate (~1e-4 in P) as 32 plain
+   ones with top_m 64 were (eval/RESULTS.md).
    G is a Poisson-binomial CDF truncated at K-1: a dynamic programme over the others (state: Prob[count =
    0..K-1]) at every node.
    (Caveat, measured: for a pick with P ~ 1, the quadrature's derivative w.r.t. c is 1 + sum_n w_n log v_n,
@@ -63,7 +64,7 @@ import numpy as np
 import torch
 
 from rag_capg.poisson_binomial import MAX_SERIES_ARG, NEWTON_STEPS, TARGET_TIME, kernels_enabled, race_truncated_cdf
-from rag_capg.policy import _check_index, _check_logits, _exp_or_zero, _logsumexp_excluding, _upcast
+from rag_capg.policy import _check_index, _check_logits, _logsumexp_excluding, _upcast
 from rag_capg.top_k import top_k_indices
 
 try:  # numba ships with our ranx dependency
@@ -228,7 +229,8 @@ def _time_scale(r: torch.Tensor, c: torch.Tensor, r_kth: torch.Tensor, tail_rate
     the tail's linear rate; concave, so the iterates rise monotonically), the scale is
     T = min(max(x*, 1 / (r_K + tail rate + c)), 1 / c) -- the second term is the K-th arrival's own time when
     K - 1 heavy items come first (a sharp policy), 1 / c the decay of e^(-c x) -- and alpha = T / TARGET_TIME.
-    12 nodes then do better than 20 fixed ones (eval/RESULTS.md). Capped so that 2 rho x stays <= MAX_SERIES_ARG
+    12 nodes then came about as close as 20 fixed ones to a 200-node reference (the DP over all items,
+    logit scales 1-3; P within ~5e-5). Capped so that 2 rho x stays <= MAX_SERIES_ARG
     in the CPU kernel's tail series. r (B, L, M): kept ratios (0 in a's slot); all inputs relative to w_ref."""
     x = torch.zeros_like(c)
     never = torch.zeros_like(c, dtype=torch.bool)  # nothing else has weight (all underflowed): x* = inf

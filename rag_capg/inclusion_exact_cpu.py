@@ -330,7 +330,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
     kept_cdf = np.empty((k, n))
     S = np.empty((M + 1, k, n))
     G = np.empty((k, n))
-    acc = np.empty(n)
+    f_n = np.empty(n)  # F_n at each node, kept for d_pick
     jw = np.empty(n)
     d_r = np.empty(M)
     x_max = x.max()
@@ -382,13 +382,13 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
             # quadrature: jw_n = w_n c v_n^(c-1), the Jacobian of q = v^c
             for t in range(n):
                 jw[t] = weights[t] * math.exp(math.log(c_a) + (c_a - 1.0) * log_v[t]) if c_a > 0.0 else 0.0
-                acc[t] = 0.0  # F_n, kept for d_pick
+                f_n[t] = 0.0
             for cc in range(k):  # (counts outer, nodes inner: vectorised)
                 for t in range(n):
-                    acc[t] += S[M, cc, t] * tail_cdf[k - 1 - cc, t]
+                    f_n[t] += S[M, cc, t] * tail_cdf[k - 1 - cc, t]
             total = 0.0
             for t in range(n):
-                total += jw[t] * acc[t]
+                total += jw[t] * f_n[t]
             clamped = total > 1.0
             p_out[b, l] = min(total, 1.0)
             if not need_grad:
@@ -401,7 +401,7 @@ def _forward(q, r, d_r_ok, c, rho, slot, u, top, log_v, weights, k, need_grad,
                 continue
             grad_a = 0.0
             for t in range(n):
-                grad_a += jw[t] * acc[t] * (1.0 + c_a * log_v[t])
+                grad_a += jw[t] * f_n[t] * (1.0 + c_a * log_v[t])
             for cc in range(k):
                 for t in range(n):
                     G[cc, t] = jw[t] * tail_cdf[k - 1 - cc, t]
