@@ -142,7 +142,7 @@ def bm25_run(corpus, queries, depth: int, config: BaselinesConfig) -> dict[str, 
 # ----------------------------------------------------------------------------------- training data
 def mine_candidates(model, corpus, queries, config: BaselinesConfig) -> list[list[str]]:
     """The base model's top-`mine_depth` passage ids per train query (cosine, cached corpus embeddings)."""
-    from rag_capg.retriever import encode_corpus, encode_queries, retrieve_top_k
+    from rag_capg.retrieval.retriever import encode_corpus, encode_queries, retrieve_top_k
 
     doc_emb = encode_corpus(model, corpus, cache_dir=Path(config.cache_dir) / "embeddings", normalize=True)
     q_emb = encode_queries(model, queries.texts, normalize=True)
@@ -166,7 +166,8 @@ def teacher_groups(queries, corpus, candidates, config: BaselinesConfig, rng: ra
     import hashlib
 
     from rag_capg.judges import BiEncoderTeacher, ScoreCache
-    from rag_capg.train_utils import resolve_model, seed_teacher_from_cache
+    from rag_capg.judges.build import seed_teacher_from_cache
+    from rag_capg.retrieval.retriever import resolve_model
 
     judge = BiEncoderTeacher(resolve_model(config.teacher_model), batch_size=16, device="cpu")
     seed_teacher_from_cache(judge, corpus, Path(config.cache_dir) / "embeddings")  # when eval/train encoded it
@@ -265,7 +266,7 @@ def train(method: str, dataset, config: BaselinesConfig, target: Path) -> dict:
     except ImportError:
         from sentence_transformers.training_args import BatchSamplers
 
-    from rag_capg.train_utils import resolve_model
+    from rag_capg.retrieval.retriever import resolve_model
 
     model = SentenceTransformer(resolve_model(config.base_model), device="cpu")
     model.max_seq_length = config.max_seq_length
@@ -299,7 +300,7 @@ def run_method(method: str, config: BaselinesConfig, corpus, train_q, eval_q, ca
     record: dict = {"method": method, "command": command_line(argv), "config": asdict(config),
                     "versions": versions(), "dataset": config.dataset}
     if method == "bm25":
-        from rag_capg.trec import trec_lines
+        from rag_capg.evaluation.trec import trec_lines
 
         run = bm25_run(corpus, eval_q, min(max(config.k, 100), len(corpus)), config)  # rag-capg eval's depth
         write_text(out / "bm25.trec", trec_lines(run, "bm25"))
@@ -317,7 +318,7 @@ def run_method(method: str, config: BaselinesConfig, corpus, train_q, eval_q, ca
             data = pairs_dataset(train_q, passage_text)
         else:
             if "candidates" not in cache:
-                from rag_capg.train_utils import load_encoder
+                from rag_capg.retrieval.retriever import load_encoder
 
                 cache["candidates"] = mine_candidates(load_encoder(config.base_model, device="cpu"), corpus,
                                                       train_q, config)
@@ -353,21 +354,17 @@ def eval_argv(config: BaselinesConfig) -> list[str]:
     models += config.extra_models
     names += config.extra_names or [Path(m.rstrip("/")).name for m in config.extra_models]
     return [f"models=[{','.join(models)}]", f"names=[{','.join(names)}]", f"dataset={config.dataset}",
-            f"split={config.eval_split}", f"k={config.k}", f"cache_dir={config.cache_dir}",
+            f"eval_split={config.eval_split}", f"candidates={config.k}", f"cache_dir={config.cache_dir}",
             f"output_dir={out / 'eval'}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(BaselinesConfig, argv, prog="python eval/baselines.py", description=__doc__)
     torch.set_num_threads(config.threads)
-    from rag_capg.data import QuerySet, load_corpus, load_queries
+    from rag_capg.retrieval.data import load_corpus, load_queries
 
     corpus = load_corpus(config.dataset)
-    train_q = load_queries(config.dataset, config.train_split, corpus)
-    if config.max_train_queries is not None:
-        n = config.max_train_queries
-        train_q = QuerySet(ids=train_q.ids[:n], texts=train_q.texts[:n],
-                           qrels={q: train_q.qrels[q] for q in train_q.ids[:n]}, split=train_q.split)
+    train_q = load_queries(config.dataset, config.train_split, corpus).head(config.max_train_queries)
     eval_q = load_queries(config.dataset, config.eval_split, corpus)
     if set(train_q.ids) & set(eval_q.ids):
         raise InputError(f"train and eval splits share {len(set(train_q.ids) & set(eval_q.ids))} queries",
@@ -376,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in config.methods:
         run_method(method, config, corpus, train_q, eval_q, cache, argv)
     if config.evaluate:
-        from rag_capg import evaluate
+        from rag_capg.evaluation import evaluate
 
         args = eval_argv(config)
         write_text(Path(config.output_dir) / "eval_command.txt", "rag-capg eval " + " ".join(args) + "\n")

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from rag_capg.inclusion import inclusion_prob_exact, log_inclusion_prob
-from rag_capg.policy import sample_plackett_luce
+from rag_capg.pg.inclusion import inclusion_prob_exact, log_inclusion_prob
+from rag_capg.pg.policy import sample_plackett_luce
 
 
 def grad_of_log_p(s: torch.Tensor, items: torch.Tensor, k: int, nodes: int, top_m: int | None) -> torch.Tensor:

@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 from rag_capg.config_parsing import parse_config
-from rag_capg.data import QuerySet, load_corpus, load_queries
-from rag_capg.train_config import TrainConfig
+from rag_capg.retrieval.data import QuerySet, load_corpus, load_queries
+from rag_capg.cli.train import GROUPS, build_trainer
+from rag_capg.retrieval.inputs import TrainDataArguments
 
 OUT = Path("outputs/bench_scifact")
 
 
-def dev_split(cfg: TrainConfig, fraction: float, seed: int) -> tuple[str, QuerySet]:
+def dev_split(cfg: TrainDataArguments, fraction: float, seed: int) -> tuple[str, QuerySet]:
     """(qrels file of the training part, dev QuerySet) from the train split of cfg.dataset."""
     corpus = load_corpus(cfg.dataset, corpus_file=cfg.corpus_file)
     full = load_queries(cfg.dataset, cfg.train_split, corpus, queries_file=cfg.queries_file)
@@ -65,16 +66,16 @@ def git_state() -> str:
 def prefill_teacher(trainer) -> float:
     """A bi-encoder LSR touches nearly every passage of a 5K corpus within a few epochs (Gumbel sampling
     explores). The trainer's judge already starts from the teacher's corpus-embedding cache when there is one
-    (train_utils.seed_teacher_from_cache); when there is none, encode the whole corpus with the teacher once,
+    (rag_capg.judges.build.seed_teacher_from_cache); when there is none, encode the whole corpus with the teacher once,
     batched by length, into that cache (reused by every later run) and hand it to the judge. Returns the
     seconds it took (0 when the cache was already there)."""
-    from rag_capg.retriever import corpus_cache_path, encode_corpus
+    from rag_capg.retrieval.retriever import corpus_cache_path, encode_corpus
 
-    teacher, cache = trainer.judge.judge, Path(trainer.config.cache_dir) / "embeddings"
+    teacher, cache = trainer.judge.judge, Path(trainer.args.cache_dir) / "embeddings"
     if corpus_cache_path(teacher.model, trainer.corpus, cache, normalize=True).is_file():
         return 0.0
     t0 = time.time()
-    emb = encode_corpus(teacher.model, trainer.corpus, cache_dir=cache, batch_size=trainer.config.lsr_batch_size,
+    emb = encode_corpus(teacher.model, trainer.corpus, cache_dir=cache, batch_size=64,
                         show_progress=False, normalize=True)
     teacher.add_passage_embeddings(trainer.corpus.ids, emb)
     print(f"teacher passages ready: {emb.shape[0]} in {time.time() - t0:.0f} s", flush=True)
@@ -88,25 +89,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dev-seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="free-form label stored with the result")
     args, rest = ap.parse_known_args(argv)
-    cfg = parse_config(TrainConfig, rest, prog="bench_scifact")
-    from rag_capg.trainer import Trainer
-
+    data, judge_args, cfg = parse_config(GROUPS, rest, prog="bench_scifact")
     dev = None
     if args.dev:
-        qrels_file, dev = dev_split(cfg, args.dev_fraction, args.dev_seed)
-        cfg.qrels_file, cfg.eval_split = qrels_file, ""  # the test split is not even loaded
+        qrels_file, dev = dev_split(data, args.dev_fraction, args.dev_seed)
+        data.qrels_file, data.eval_split = qrels_file, ""  # the test split is not even loaded
     t0 = time.time()
-    trainer = Trainer(cfg)
+    trainer = build_trainer(data, judge_args, cfg)
     if dev is not None:
         trainer.eval_q = dev
-    prefill_s = prefill_teacher(trainer) if cfg.lsr == "bi_encoder" else None
+    prefill_s = prefill_teacher(trainer) if judge_args.lsr == "bi_encoder" else None
     summary = trainer.train()
     wall = time.time() - t0
     k = cfg.candidates
     before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
     row = {"phase": "dev" if args.dev else "final", "tag": args.tag, "argv": rest,
            "dev": {"fraction": args.dev_fraction, "seed": args.dev_seed} if args.dev else None,
-           "eval_split": "dev" if args.dev else cfg.eval_split, "train_queries": summary["train_queries"],
+           "eval_split": "dev" if args.dev else data.eval_split, "train_queries": summary["train_queries"],
            "eval_queries": after.get("queries"), "steps": summary["steps"],
            "before": {m: before.get(m) for m in (f"recall@{k}", "ndcg@10")},
            "after": {m: after.get(m) for m in (f"recall@{k}", "ndcg@10")},

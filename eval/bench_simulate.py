@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from rag_capg.estimators import ESTIMATORS
+from rag_capg.pg.estimators import ESTIMATORS
 from rag_capg.io import write_json, write_text
 from rag_capg.simulate.cli import SimulateConfig, format_table, summarise
 from rag_capg.simulate.env import make_env
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     horizons = parse_steps(args.steps)
-    cfg = SimulateConfig(estimators=args.estimators, candidate_sizes=sorted(horizons), seeds=args.seeds,
+    cfg = SimulateConfig(estimators=args.estimators, candidates=sorted(horizons), seeds=args.seeds,
                          output_dir=args.out, progress=False)
     env = make_env(num_users=cfg.num_users, num_items=cfg.num_items, feature_dim=cfg.feature_dim,
                    num_latents=cfg.num_latents, reward_scale=cfg.reward_scale, seed=cfg.env_seed)

@@ -1,7 +1,7 @@
 """CPU step time: one CA-PG optimizer step (query-tower mode, warm LSR cache) against one
 sentence-transformers MultipleNegativesRankingLoss (MNRL) step, on the same 32 SciFact training queries.
 
-- CA-PG: rag_capg.trainer.Trainer.optimizer_step() as training runs it -- query encoder forward/backward,
+- CA-PG: rag_capg.training.trainer.CAPGTrainer.optimizer_step() as training runs it -- query encoder forward/backward,
   logits against the cached 5,183-passage index, Gumbel top-K sampling, LSR lookup, surrogate loss,
   clipping, AdamW. The step counter is pinned to 0, so every repetition draws the same 32 queries and the
   same noise; warm-up steps first fill the label-oracle score cache, so the timed steps are cache hits
@@ -15,7 +15,7 @@ the machine hits both alike), and each is timed from tokenisation to optimizer.z
 
     python eval/bench_step_time.py [--reps 20] [--warmup 3] [--estimators capg top1 capg_exact] [key=value ...]
 
-key=value overrides go to the CA-PG TrainConfig (defaults: recipes/scifact_cpu.yaml, batch_size=32).
+key=value overrides go to the CA-PG options (rag-capg train's) (defaults: recipes/scifact_cpu.yaml, batch_size=32).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import time
 import torch
 
 from rag_capg.config_parsing import parse_config
-from rag_capg.train_config import TrainConfig
+from rag_capg.cli.train import GROUPS, build_trainer
 
 
 def mnrl_setup(model_name: str, texts: list[str], positives: list[str], lr: float):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import batch_to_device
 
-    from rag_capg.train_utils import load_encoder
+    from rag_capg.retrieval.retriever import load_encoder
 
     model = load_encoder(model_name, device="cpu")
     model.train()
@@ -59,22 +59,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--estimators", nargs="+", default=["capg"])
     args, rest = ap.parse_known_args(argv)
-    cfg = parse_config(TrainConfig, ["recipes/scifact_cpu.yaml", "batch_size=32", "eval_split=", "report_to=none",
+    data, judge_args, cfg = parse_config(GROUPS, ["recipes/scifact_cpu.yaml", "batch_size=32", "eval_split=", "report_to=none",
                                      "progress=false", "output_dir=runs/bench_step_time", *rest],
                        prog="bench_step_time")
-    from rag_capg.trainer import Trainer, batch_indices
+    from rag_capg.training.rollout import batch_indices
 
-    trainer = Trainer(cfg)
+    trainer = build_trainer(data, judge_args, cfg)
     batch = batch_indices(len(trainer.train_q), cfg.batch_size, 0, cfg.seed)
     qs = trainer.train_q
     texts = [qs.texts[i] for i in batch]
     corpus = trainer.corpus
     positives = [corpus.texts[corpus.index_of[next(iter(qs.qrels[qs.ids[i]]))]] for i in batch]
-    mnrl_step = mnrl_setup(cfg.model, texts, positives, cfg.learning_rate)
+    mnrl_step = mnrl_setup(data.model, texts, positives, cfg.learning_rate)
 
     def capg_step(estimator: str):
         def step() -> None:
-            trainer.config.estimator = estimator
+            trainer.args.estimator = estimator
             trainer.step = 0  # same batch, same noise every time
             trainer.optimizer_step()
         return step

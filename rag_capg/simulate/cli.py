@@ -24,12 +24,10 @@ from tqdm.auto import tqdm
 from rag_capg.config_parsing import parse_config
 from rag_capg.errors import InputError
 from rag_capg.io import write_json, write_text
+from rag_capg.pg.estimators import Estimator
 from rag_capg.simulate.env import make_env
 from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves, runs_by_k_and_estimator
 from rag_capg.simulate.runner import DEFAULT_LR, RunResult, run, steps_to_fraction
-
-EstimatorName = Literal["vpg", "vpg_swr", "capg", "capg_exact", "top1"]
-
 
 @dataclass
 class SimulateConfig:
@@ -37,11 +35,11 @@ class SimulateConfig:
 
     output_dir: str = field(default="runs/simulate", metadata={"help": "folder for values.csv, curves.png, "
                                                                        "summary.json"})
-    estimators: list[EstimatorName] = field(
+    estimators: list[Estimator] = field(
         default_factory=lambda: ["vpg", "vpg_swr", "capg", "capg_exact", "top1"],
         metadata={"help": "estimators to compare: vpg, vpg_swr, capg, capg_exact, top1"})
-    candidate_sizes: list[int] = field(default_factory=lambda: [5, 10, 20],
-                                       metadata={"help": "candidate list sizes K (one plot panel each)"})
+    candidates: list[int] = field(default_factory=lambda: [5, 10, 20],
+                                  metadata={"help": "candidate list sizes K to compare (one plot panel each)"})
     num_picks: int = field(default=1, metadata={"help": "L, items the LSR picks from each candidate list"})
     lsr: Literal["optimal", "noisy", "uniform", "anti"] = field(
         default="optimal", metadata={"help": "oracle LSR: top-L by expected reward, softmax sampling with "
@@ -89,12 +87,12 @@ class SimulateConfig:
             raise InputError("give at least one estimator", field="estimators")
         if not self.seeds:
             raise InputError("give at least one seed", field="seeds")
-        for k in self.candidate_sizes:
+        for k in self.candidates:
             if not self.num_picks <= k <= self.num_items:
                 raise InputError(f"K={k} must satisfy num_picks ({self.num_picks}) <= K <= num_items "
-                                 f"({self.num_items})", field="candidate_sizes")
-        if not self.candidate_sizes:
-            raise InputError("give at least one candidate size", field="candidate_sizes")
+                                 f"({self.num_items})", field="candidates")
+        if not self.candidates:
+            raise InputError("give at least one candidate size", field="candidates")
         if self.num_threads < 0:
             raise InputError(f"must be >= 0, got {self.num_threads}", field="num_threads")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -146,9 +144,9 @@ def simulate(cfg: SimulateConfig) -> tuple[list[RunResult], dict[int, float], li
                    num_latents=cfg.num_latents, reward_scale=cfg.reward_scale, seed=cfg.env_seed).to(cfg.device)
     g = torch.Generator(device=cfg.device).manual_seed(cfg.env_seed)
     oracle = {k: env.oracle_value(k, cfg.num_picks, kind=cfg.lsr, temperature=cfg.lsr_temperature, generator=g)
-              for k in cfg.candidate_sizes}
+              for k in cfg.candidates}
     results: list[RunResult] = []
-    jobs = [(k, est, seed) for k in cfg.candidate_sizes for est in cfg.estimators for seed in cfg.seeds]
+    jobs = [(k, est, seed) for k in cfg.candidates for est in cfg.estimators for seed in cfg.seeds]
     outer = tqdm(jobs, desc="runs", disable=not cfg.progress, position=0)
     for k, est, seed in outer:
         outer.set_postfix_str(f"{LABELS[est]} K={k} seed={seed}")

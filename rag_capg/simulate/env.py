@@ -41,6 +41,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from rag_capg.pg.policy import sample_plackett_luce
+
 LSRKind = Literal["optimal", "noisy", "uniform", "anti"]
 
 
@@ -82,15 +84,13 @@ class SyntheticEnv:
             return q.topk(num_picks, dim=1).indices
         if kind == "anti":
             return (-q).topk(num_picks, dim=1).indices
-        # Stochastic kinds: L draws without replacement = top-L of (log-weights + Gumbel noise).
-        u = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        # Stochastic kinds: L draws without replacement from a Plackett-Luce model over the list.
         if kind == "noisy":
             if temperature <= 0:
                 raise ValueError(f"the noisy LSR needs temperature > 0, got {temperature}")
-            return (q / temperature + gumbel).topk(num_picks, dim=1).indices
+            return sample_plackett_luce(q / temperature, num_picks, generator=generator)
         if kind == "uniform":
-            return gumbel.topk(num_picks, dim=1).indices
+            return sample_plackett_luce(torch.zeros_like(q), num_picks, generator=generator)
         raise ValueError(f"unknown LSR kind {kind!r}")
 
     # ----------------------------------------------------------------------------------- rewards

@@ -8,7 +8,7 @@ on fresh contexts: policy value = mean expected reward of the LSR's picks (see e
 
 Written the textbook way, V-PG's ordered Plackett-Luce likelihood is numerically fragile once the policy
 sharpens: the normaliser of position k, exp(Z) - sum_{j<k} exp(s_{c_j}), cancels towards 0 (the paper
-reports that its V-PG runs "overflow and stop early"). Ours uses the cancellation-free suffix form (``rag_capg.policy``), and in our
+reports that its V-PG runs "overflow and stop early"). Ours uses the cancellation-free suffix form (``rag_capg.pg.policy``), and in our
 benchmark runs V-PG never went non-finite (eval/RESULTS.md). A run still checks the loss, the gradients
 and the updated parameters each step; on the first non-finite value (a huge learning rate does it) it
 stops and is reported as stopped at that step, the way the paper reports it, instead of crashing the
@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from rag_capg.estimators import surrogate_loss
-from rag_capg.policy import deterministic_top_k, sample_plackett_luce
+from rag_capg.pg.estimators import surrogate_loss
+from rag_capg.pg.policy import deterministic_top_k, sample_plackett_luce
 from rag_capg.simulate.env import LSRKind, SyntheticEnv
 
 # The paper's learning rates: the list-level estimators were tuned at 0.1, the item-level ones at 0.01.

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_tiny_run_writes_csv_png_summary(tmp_path, capsys):
     out = tmp_path / "sim"
-    argv = [f"output_dir={out}", "estimators=[capg,top1,vpg]", "candidate_sizes=[3,5]", "seeds=[0,1]",
+    argv = [f"output_dir={out}", "estimators=[capg,top1,vpg]", "candidates=[3,5]", "seeds=[0,1]",
             "steps=40", "eval_every=20", "eval_contexts=300", "num_users=50", "num_items=60", "batch_size=16",
             "progress=false"]
     assert main(argv) == 0
@@ -50,7 +50,7 @@ def test_help_lists_every_option(capsys):
 @pytest.mark.parametrize("argv, needles", [
     (["lsr=bogus"], ["field `lsr`", "'bogus'"]),
     (["steps=0"], ["field `steps`: must be >= 1"]),
-    (["candidate_sizes=[5,2000]"], ["field `candidate_sizes`", "K=2000"]),
+    (["candidates=[5,2000]"], ["field `candidates`", "K=2000"]),
     (["estimators=[capg,reinforce]"], ["field `estimators`", "reinforce"]),
     (["no_such_option=1"], ["field `no_such_option`: unknown option"]),
 ])
@@ -70,7 +70,7 @@ def test_bad_flag_choice_exits_2(capsys):
 @pytest.mark.parametrize("recipe", ["simulate.yaml", "simulate_quick.yaml"])
 def test_recipes_parse(recipe):
     cfg = parse_config(SimulateConfig, [str(ROOT / "recipes" / recipe)], prog="rag-capg simulate")
-    assert 20 in cfg.candidate_sizes and "capg" in cfg.estimators
+    assert 20 in cfg.candidates and "capg" in cfg.estimators
     if recipe == "simulate.yaml":  # the paper's setup
         assert (cfg.steps, cfg.batch_size, cfg.eval_every, cfg.eval_contexts) == (300_000, 128, 1000, 10_000)
-        assert cfg.candidate_sizes == [5, 10, 20] and len(cfg.estimators) == 5
+        assert cfg.candidates == [5, 10, 20] and len(cfg.estimators) == 5

@@ -1,0 +1,81 @@
+"""What every late-stage ranker (LSR) is: the ``Judge`` protocol, its error, and the two judges that need
+no model (the relevance-label oracle and a wrapped Python callable).
+
+A judge has ``identity: str`` (stable across runs; the score cache's key) and
+``score(query_ids, queries, passage_ids, passages) -> FloatTensor (B, K)``, queries (B) and passages (B x K).
+Scores must be pointwise: a pair's score may not depend on which other passages share its row, because
+the score cache (rag_capg.judges.cache) stores pairs and sends only the pairs it lacks, as rows of one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """A frozen late-stage ranker: ``identity`` keys its cached scores; ``score`` rates (query, passage) pairs."""
+
+    identity: str
+
+    def score(self, query_ids: list[str], queries: list[str], passage_ids: list[list[str]],
+              passages: list[list[str]]) -> torch.Tensor: ...
+
+
+class JudgeError(RuntimeError):
+    """A judge raised, timed out or returned something that is not a finite (B, K) score matrix."""
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def model_name(name_or_path: str | Path) -> str:
+    """A local path is identified by its absolute form (stable whatever the cwd); a Hub id as is."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else str(name_or_path)
+
+
+def pairs(queries: list[str], passages: list[list[str]]) -> list[tuple[str, str]]:
+    return [(q, p) for q, row in zip(queries, passages) for p in row]
+
+
+class LabelOracle:
+    """Graded qrels as the judge: score = grade, 0 for unjudged pairs (qrels: qid -> {pid: grade})."""
+
+    def __init__(self, qrels: dict[str, dict[str, int]]):
+        self.qrels = qrels
+        self.identity = f"LabelOracle:{short_hash(json.dumps(qrels, sort_keys=True))}"
+
+    def score(self, query_ids, queries, passage_ids, passages) -> torch.Tensor:
+        return torch.tensor([[float(self.qrels.get(q, {}).get(p, 0)) for p in row]
+                             for q, row in zip(query_ids, passage_ids)], dtype=torch.float32)
+
+
+class CallableJudge:
+    """Any fn(query_ids, queries, passage_ids, passages) -> array-like (B, K); ``identity`` is yours
+    to keep stable (it keys the cache). ``timeout`` (seconds) bounds each call (a thread is used; a
+    timed-out call is abandoned, not killed) and raises JudgeError."""
+
+    def __init__(self, fn: Callable, identity: str, *, timeout: float | None = None):
+        self.fn, self.identity, self.timeout = fn, identity, timeout
+
+    def score(self, query_ids, queries, passage_ids, passages) -> torch.Tensor:
+        if self.timeout is None:
+            return torch.as_tensor(self.fn(query_ids, queries, passage_ids, passages), dtype=torch.float32)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            fut = pool.submit(self.fn, query_ids, queries, passage_ids, passages)
+            return torch.as_tensor(fut.result(timeout=self.timeout), dtype=torch.float32)
+        except concurrent.futures.TimeoutError:
+            raise JudgeError(f"judge {self.identity!r} timed out after {self.timeout} s") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+

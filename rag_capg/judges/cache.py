@@ -1,0 +1,122 @@
+"""ScoreCache: a frozen judge's scores on disk, keyed by (judge identity, query id, passage id), and the
+failure policy (an exception, a timeout, NaN/inf or a wrong shape is a JudgeError, or with "skip_query" the
+query is skipped and counted: never a silent zero reward)."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rag_capg.judges.base import CallableJudge, JudgeError
+
+FailurePolicy = Literal["error", "skip_query"]
+
+
+class ScoreCache:
+    """On-disk scores of a frozen judge, keyed by (judge identity, query id, passage id), plus the
+    failure policy. ``path=None`` keeps the cache in memory (policy only).
+
+    Only misses go to the judge, flattened into rows of one pair (B' x 1) so any mix of hits and
+    misses batches fully. A failing call is an error under "error"; under "skip_query" the misses
+    are re-sent one query at a time to find the culprits, and a query whose call raises, times out
+    or gives a non-finite score is skipped: its row is NaN in score() and True in the mask of
+    score_with_skips(), and stats()["skipped_queries"] counts it. Nothing invalid is ever cached.
+    sqlite in WAL mode lets several training processes share one file.
+    """
+
+    def __init__(self, judge, path: str | Path | None, *, on_failure: FailurePolicy = "error",
+                 timeout: float | None = None):
+        if on_failure not in ("error", "skip_query"):
+            raise ValueError(f"on_failure must be 'error' or 'skip_query', got {on_failure!r}")
+        self.judge, self.identity, self.on_failure, self.timeout = judge, judge.identity, on_failure, timeout
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60)
+        if path is not None:
+            self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS scores (judge TEXT, qid TEXT, pid TEXT, score REAL, "
+                        "PRIMARY KEY (judge, qid, pid)) WITHOUT ROWID")
+        self.db.commit()
+        self.hits = self.misses = self.judge_calls = self.skipped_queries = 0
+
+    def stats(self) -> dict[str, float]:
+        total = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
+                "judge_calls": self.judge_calls, "skipped_queries": self.skipped_queries}
+
+    def score(self, query_ids, queries, passage_ids, passages) -> torch.Tensor:
+        return self.score_with_skips(query_ids, queries, passage_ids, passages)[0]
+
+    def score_with_skips(self, query_ids, queries, passage_ids, passages) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (B, K), skipped (B,) bool). Skipped rows are NaN, so misuse fails loudly downstream."""
+        b, k = len(query_ids), len(passage_ids[0]) if passage_ids else 0
+        if any(len(row) != k for row in passage_ids) or len(passages) != b or len(queries) != b:
+            raise ValueError("ScoreCache: queries, passage_ids and passages must be B and B x K")
+        out = torch.full((b, k), math.nan)
+        known: dict[tuple[str, str], float] = {}
+        for q in set(query_ids):
+            for pid, s in self.db.execute("SELECT pid, score FROM scores WHERE judge=? AND qid=?", (self.identity, q)):
+                known[(q, pid)] = s
+        miss: list[tuple[int, int]] = []
+        for i, (q, row) in enumerate(zip(query_ids, passage_ids)):
+            for j, pid in enumerate(row):
+                if (q, pid) in known:
+                    out[i, j] = known[(q, pid)]
+                else:
+                    miss.append((i, j))
+        self.hits += b * k - len(miss)
+        self.misses += len(miss)
+        skipped = torch.zeros(b, dtype=torch.bool)
+        if miss:
+            try:
+                got = self._call(miss, query_ids, queries, passage_ids, passages)
+            except JudgeError:
+                if self.on_failure == "error":
+                    raise
+                got = {}
+                for i in sorted({i for i, _ in miss}):  # isolate the failing queries
+                    part = [(i2, j) for i2, j in miss if i2 == i]
+                    try:
+                        got.update(self._call(part, query_ids, queries, passage_ids, passages))
+                    except JudgeError:
+                        skipped[i] = True
+            bad = {i for (i, _), s in got.items() if not math.isfinite(s)}
+            if bad and self.on_failure == "error":
+                raise JudgeError(f"judge {self.identity!r} returned NaN/inf for query id(s) "
+                                 f"{sorted({query_ids[i] for i in bad})}")
+            skipped[list(bad)] = True
+            rows = []
+            for (i, j), s in got.items():
+                if not skipped[i]:
+                    out[i, j] = s
+                    rows.append((self.identity, query_ids[i], passage_ids[i][j], s))
+            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
+            self.db.commit()
+        out[skipped] = math.nan
+        self.skipped_queries += int(skipped.sum())
+        return out, skipped
+
+    def _call(self, pairs, query_ids, queries, passage_ids, passages) -> dict[tuple[int, int], float]:
+        """Send ``pairs`` (row, col) as a (len(pairs), 1) batch; any exception/timeout/shape -> JudgeError."""
+        args = ([query_ids[i] for i, _ in pairs], [queries[i] for i, _ in pairs],
+                [[passage_ids[i][j]] for i, j in pairs], [[passages[i][j]] for i, j in pairs])
+        self.judge_calls += 1
+        try:
+            if self.timeout is None:
+                res = self.judge.score(*args)
+            else:
+                res = CallableJudge(self.judge.score, self.identity, timeout=self.timeout).score(*args)
+            res = torch.as_tensor(res, dtype=torch.float32)
+        except JudgeError:
+            raise
+        except Exception as exc:
+            raise JudgeError(f"judge {self.identity!r} raised {type(exc).__name__}: {exc}") from exc
+        if tuple(res.shape) != (len(pairs), 1):
+            raise JudgeError(f"judge {self.identity!r} returned shape {tuple(res.shape)}, expected ({len(pairs)}, 1)")
+        return {p: float(s) for p, s in zip(pairs, res[:, 0].tolist())}
+
+

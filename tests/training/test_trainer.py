@@ -1,0 +1,240 @@
+"""The training loop on tiny random models: every LSR kind end to end, the run folder, the LSR cache, the
+skip policy, gradient accumulation / multi-process invariance, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rag_capg.cli import main as cli_main
+from rag_capg.errors import InputError
+from rag_capg.judges import JudgeError
+from rag_capg.cli.train import GROUPS, build_trainer
+from rag_capg.config_parsing import config_from_dict
+from rag_capg.training.rollout import batch_indices, noise_generator
+
+REPO = Path(__file__).resolve().parents[2]
+CALLS: list[int] = []  # pairs judged by counting_judge, one entry per call
+
+
+def counting_judge(query_ids, queries, passage_ids, passages):
+    """A callable LSR: word overlap between query and passage; records how many pairs it was asked."""
+    CALLS.append(sum(len(row) for row in passage_ids))
+    return [[float(len(set(q.lower().split()) & set(p.lower().split()))) for p in row]
+            for q, row in zip(queries, passages)]
+
+
+def failing_judge(query_ids, queries, passage_ids, passages):
+    if "q3" in query_ids:
+        raise RuntimeError("judge backend down for q3")
+    return [[1.0] * len(row) for row in passage_ids]
+
+
+def slow_judge(query_ids, queries, passage_ids, passages):
+    time.sleep(0.4)
+    return counting_judge(query_ids, queries, passage_ids, passages)
+
+
+def config(tmp_path, model, data, **kw) -> dict:
+    """The flat options of a tiny run, as a recipe would hold them."""
+    base = dict(model=str(model), dataset=str(data), candidates=5, batch_size=4, max_steps=3,
+                learning_rate=1e-3, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                log_every=1, report_to="none", progress=False, eval_split="test", warmup_ratio=0.0)
+    return {**base, **kw}
+
+
+def train(options: dict) -> dict:
+    """What `rag-capg train` does with these options."""
+    return build_trainer(*config_from_dict(GROUPS, options)).train()
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.parent.name}/{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------------------- units
+def test_batches_are_seeded_permutations_per_epoch():
+    epoch0 = [i for s in range(3) for i in batch_indices(12, 4, s, seed=1)]
+    assert sorted(epoch0) == list(range(12))
+    assert batch_indices(12, 4, 3, seed=1) != batch_indices(12, 4, 0, seed=1)  # reshuffled next epoch
+    assert batch_indices(12, 4, 5, seed=1) == batch_indices(12, 4, 5, seed=1)
+    a = torch.rand(3, generator=noise_generator(0, 2, 7, "cpu"))
+    assert torch.equal(a, torch.rand(3, generator=noise_generator(0, 2, 7, "cpu")))
+    assert not torch.equal(a, torch.rand(3, generator=noise_generator(0, 2, 8, "cpu")))
+
+
+# ------------------------------------------------------------------------------------------- every LSR
+@pytest.mark.parametrize("lsr", ["label_oracle", "cross_encoder", "llm_judge", "bi_encoder", "callable"])
+def test_each_lsr_trains_and_writes_the_run_folder(lsr, tmp_path, tiny_bi_encoder_path, tiny_beir_dir,
+                                                   tiny_cross_encoder_path, tiny_causal_lm_path):
+    extra = {"label_oracle": {}, "cross_encoder": {"lsr_model": str(tiny_cross_encoder_path)},
+             "llm_judge": {"lsr_model": str(tiny_causal_lm_path)},
+             "bi_encoder": {"lsr_model": str(tiny_bi_encoder_path), "reward_mapping": "clip"},
+             "callable": {"lsr_callable": "tests.training.test_trainer:counting_judge"}}[lsr]
+    cfg = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, lsr=lsr, num_picks=2, save_every=3, **extra)
+    summary = train(cfg)
+    run = Path(cfg["output_dir"])
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.jsonl", "run_summary.json", "curves.png",
+                 "final/modules.json", "checkpoints/step-3/trainer_state.pt", "best.json"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["grad_norm"] > 0 and 0 <= r["lsr_hit_rate"] <= 1 for r in rows)
+    assert summary["steps"] == 3 and summary["eval_before"]["step"] == 0 and summary["eval_after"]["step"] == 3
+    # query tower trained, document tower (and so the index) bit-identical to the base model
+    from sentence_transformers import SentenceTransformer
+
+    base, tuned = SentenceTransformer(str(tiny_bi_encoder_path)), SentenceTransformer(str(run / "final"))
+    texts = ["bees make honey", "tides follow the moon"]
+    assert torch.equal(base.encode_document(texts, convert_to_tensor=True),
+                       tuned.encode_document(texts, convert_to_tensor=True))
+    assert not torch.allclose(base.encode_query(texts, convert_to_tensor=True),
+                              tuned.encode_query(texts, convert_to_tensor=True))
+
+
+def test_training_improves_the_ranking_it_is_rewarded_for(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    # Label oracle on the training queries, evaluated on the same queries: CA-PG must raise nDCG@10.
+    cfg = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, eval_split="train", max_steps=40,
+                 learning_rate=3e-3, group_size=4, baseline="group_min_shift", tau=0.05)
+    summary = train(cfg)
+    assert summary["eval_after"]["ndcg@10"] > summary["eval_before"]["ndcg@10"] + 0.05
+
+
+@pytest.mark.parametrize("extra", [{"mode": "both_towers", "reindex_every": 2, "estimator": "capg"},
+                                   {"softmax": "top_m", "top_m": 12, "tail_samples": 8, "estimator": "top1"},
+                                   {"estimator": "vpg_swr", "lsr_policy": "sample", "num_picks": 2},
+                                   {"estimator": "capg_exact", "exact_top_m": None}])
+def test_modes_and_estimators_run(extra, tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    cfg = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, max_steps=4, eval_split="", **extra)
+    train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if extra.get("mode") == "both_towers":  # re-indexed every 2 steps: staleness cycles 1, 2, 1, 2
+        assert [r["index_staleness"] for r in rows] == [1, 2, 1, 2]
+        assert rows[0]["index_drift"] == pytest.approx(0.0, abs=1e-4)  # fresh index at step 1
+
+
+# ------------------------------------------------------------------------------------------- LSR cache
+def test_lsr_cache_makes_no_judge_call_in_epoch_two(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    # K = the whole 30-passage corpus, so epoch 1 (3 steps x 4 queries) judges every pair of every query.
+    CALLS.clear()
+    cfg = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, candidates=30, epochs=2, max_steps=None,
+                 lsr="callable", lsr_callable="tests.training.test_trainer:counting_judge", eval_split="")
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lsr_misses"] for r in rows] == [120, 120, 120, 0, 0, 0]
+    assert sum(CALLS) == 12 * 30 and summary["lsr_cache"]["hits"] == 12 * 30
+
+
+def test_failing_judge_is_an_error_or_a_counted_skip(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    kw = dict(lsr="callable", lsr_callable="tests.training.test_trainer:failing_judge", eval_split="", max_steps=3)
+    with pytest.raises(JudgeError, match="q3"):
+        train(config(tmp_path / "a", tiny_bi_encoder_path, tiny_beir_dir, **kw))
+    cfg = config(tmp_path / "b", tiny_bi_encoder_path, tiny_beir_dir, lsr_on_error="skip_query", **kw)
+    train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped_queries"] for r in rows) == 1  # q3 is seen once in an epoch of 3 steps
+
+
+def test_bad_input_is_a_clear_error(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, capsys):
+    with pytest.raises(InputError) as err:
+        train(config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, candidates=31))
+    assert err.value.field == "candidates" and "30" in str(err.value)
+    assert cli_main(["train", f"model={tiny_bi_encoder_path}", f"dataset={tiny_beir_dir}", "candidates=31",
+                     f"output_dir={tmp_path / 'x'}", f"cache_dir={tmp_path / 'c'}", "report_to=none"]) == 2
+    assert "candidates" in capsys.readouterr().err
+    with pytest.raises(InputError) as err:
+        train(config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, train_split="dev"))
+    assert "dev" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------- invariances
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    a = config(tmp_path / "a", tiny_bi_encoder_path, tiny_beir_dir, eval_split="", group_size=2)
+    b = config(tmp_path / "b", tiny_bi_encoder_path, tiny_beir_dir, eval_split="", group_size=2,
+               gradient_accumulation_steps=2)
+    train(a), train(b)
+    assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
+
+
+def _cli(args: list[str], **env) -> list[str]:
+    return [sys.executable, "-m", "rag_capg.cli", "train", *args]
+
+
+def test_bf16_autocast_trains_with_float32_weights(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    # Accelerate fixes the precision once per process, so the run gets its own (one run per process, as
+    # users run). Both towers: the encoder runs under bf16 autocast; the policy's normalisers are float32.
+    args = [f"model={tiny_bi_encoder_path}", f"dataset={tiny_beir_dir}", "candidates=5", "batch_size=4",
+            "max_steps=4", "learning_rate=1e-3", "report_to=none", "progress=false", "eval_split=",
+            "mode=both_towers", "reindex_every=2", "mixed_precision=bf16", f"output_dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(_cli(args), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["mixed_precision"] == "bf16"
+    final = weights(tmp_path / "run" / "final")
+    assert all(t.dtype == torch.float32 for t in final.values())
+    base = {k.split("/", 1)[1]: v for k, v in weights(tiny_bi_encoder_path).items()}
+    assert max(float((v - base[k.split("/", 1)[1]]).abs().max()) for k, v in final.items()) > 0  # it trained
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    # torchrun is the launcher `accelerate launch` wraps; ACCELERATE_USE_CPU=1 gives MULTI_CPU on gloo.
+    args = [f"model={tiny_bi_encoder_path}", f"dataset={tiny_beir_dir}", "candidates=5", "batch_size=4",
+            "max_steps=4", "group_size=2", "learning_rate=1e-3", "report_to=none", "progress=false",
+            "eval_split=", "warmup_ratio=0"]
+    one = config(tmp_path / "one", tiny_bi_encoder_path, tiny_beir_dir, eval_split="", max_steps=4, group_size=2)
+    train(one)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+           "-m", "rag_capg.cli", "train", *args, f"output_dir={tmp_path / 'two'}", f"cache_dir={tmp_path / 'c2'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run_summary.json").read_text())["num_processes"] == 2
+    assert max_diff(weights(Path(one["output_dir"]) / "final"), weights(tmp_path / "two" / "final")) < 1e-5
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    common = dict(max_steps=8, save_every=2, eval_split="", lsr="callable",
+                  lsr_callable="tests.training.test_trainer:slow_judge", group_size=2)
+    ref = config(tmp_path / "ref", tiny_bi_encoder_path, tiny_beir_dir, **common)
+    train(ref)
+    out, cache = tmp_path / "killed", tmp_path / "kcache"
+    args = [f"{k}={v}" for k, v in common.items()] + [
+        f"model={tiny_bi_encoder_path}", f"dataset={tiny_beir_dir}", "candidates=5", "batch_size=4",
+        "learning_rate=1e-3", "report_to=none", "progress=false", "warmup_ratio=0", "log_every=1",
+        f"output_dir={out}", f"cache_dir={cache}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rag_capg.cli", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-4" / "trainer_state.pt").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "final").exists()  # it really died before the end
+    summary = train(config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, **common, resume=True,
+                           output_dir=str(out), cache_dir=str(cache)))
+    assert summary["resumed_from"] is not None and summary["steps"] == 8
+    assert max_diff(weights(Path(ref["output_dir"]) / "final"), weights(out / "final")) == 0.0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # rows past the checkpoint were dropped, not doubled
