@@ -259,8 +259,11 @@ def make_loss(method: str, model, config: BaselinesConfig):
 
 
 def train(method: str, dataset, config: BaselinesConfig, target: Path) -> dict:
-    from sentence_transformers import (SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
-                                       SentenceTransformer)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     try:
         from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     except ImportError:

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from rag_capg.cli.train import GROUPS, build_trainer
 from rag_capg.config_parsing import parse_config
 from rag_capg.retrieval.data import QuerySet, load_corpus, load_queries
-from rag_capg.cli.train import GROUPS, build_trainer
 from rag_capg.retrieval.inputs import TrainDataArguments
 
 OUT = Path("outputs/bench_scifact")

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from rag_capg.pg.estimators import ESTIMATORS
 from rag_capg.io import write_json, write_text
+from rag_capg.pg.estimators import ESTIMATORS
 from rag_capg.simulate.cli import SimulateConfig, format_table, summarise
 from rag_capg.simulate.env import make_env
 from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves, runs_by_k_and_estimator

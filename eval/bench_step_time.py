@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from rag_capg.config_parsing import parse_config
 from rag_capg.cli.train import GROUPS, build_trainer
+from rag_capg.config_parsing import parse_config
 
 
 def mnrl_setup(model_name: str, texts: list[str], positives: list[str], lr: float):
@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--estimators", nargs="+", default=["capg"])
     args, rest = ap.parse_known_args(argv)
-    data, judge_args, cfg = parse_config(GROUPS, ["recipes/scifact_cpu.yaml", "batch_size=32", "eval_split=", "report_to=none",
+    data, judge_args, cfg = parse_config(GROUPS, ["recipes/scifact_cpu.yaml", "batch_size=32", "eval_split=",
+                                                  "report_to=none",
                                      "progress=false", "output_dir=runs/bench_step_time", *rest],
                        prog="bench_step_time")
     from rag_capg.training.rollout import batch_indices

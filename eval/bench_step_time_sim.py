@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
+import rag_capg.simulate.runner as runner
 from rag_capg.pg.estimators import ESTIMATORS
 from rag_capg.simulate.env import make_env
-import rag_capg.simulate.runner as runner
 from rag_capg.simulate.runner import DEFAULT_LR, TwoTowerESR, train_step
 
 CURRENT = (runner.surrogate_loss, runner.sample_plackett_luce)
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|")
         for e in res:
             r = res[e]
-            print(f"| {e} | {r['ms']:.2f} | {r['ms']:.1f} | {r['ratio']:.2f}x | {r['ratio_lo']:.2f}-{r['ratio_hi']:.2f} |")
+            print(f"| {e} | {r['ms']:.2f} | {r['ms']:.1f} | {r['ratio']:.2f}x "
+                  f"| {r['ratio_lo']:.2f}-{r['ratio_hi']:.2f} |")
         print(flush=True)
     return 0
 

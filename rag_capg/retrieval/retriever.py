@@ -126,7 +126,8 @@ def _encode(model: SentenceTransformer, texts: list[str], route: Route, batch_si
 
 def corpus_cache_path(model: SentenceTransformer, corpus, cache_dir: str | Path, *, normalize: bool) -> Path:
     """Where ``encode_corpus`` keeps this (model's document route, corpus) pair's embeddings."""
-    return Path(cache_dir) / f"corpus-{model_fingerprint(model)}-{corpus.fingerprint}-{'norm' if normalize else 'raw'}.pt"
+    kind = "norm" if normalize else "raw"
+    return Path(cache_dir) / f"corpus-{model_fingerprint(model)}-{corpus.fingerprint}-{kind}.pt"
 
 
 def encode_corpus(model: SentenceTransformer, corpus, *, cache_dir: str | Path | None, batch_size: int = 64,

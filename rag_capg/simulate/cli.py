@@ -29,6 +29,7 @@ from rag_capg.simulate.env import make_env
 from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves, runs_by_k_and_estimator
 from rag_capg.simulate.runner import DEFAULT_LR, RunResult, run, steps_to_fraction
 
+
 @dataclass
 class SimulateConfig:
     """The paper's synthetic two-stage benchmark: train a two-tower ESR online against an oracle LSR."""

@@ -8,11 +8,10 @@ on fresh contexts: policy value = mean expected reward of the LSR's picks (see e
 
 Written the textbook way, V-PG's ordered Plackett-Luce likelihood is numerically fragile once the policy
 sharpens: the normaliser of position k, exp(Z) - sum_{j<k} exp(s_{c_j}), cancels towards 0 (the paper
-reports that its V-PG runs "overflow and stop early"). Ours uses the cancellation-free suffix form (``rag_capg.pg.policy``), and in our
-benchmark runs V-PG never went non-finite (eval/RESULTS.md). A run still checks the loss, the gradients
-and the updated parameters each step; on the first non-finite value (a huge learning rate does it) it
-stops and is reported as stopped at that step, the way the paper reports it, instead of crashing the
-benchmark.
+reports that its V-PG runs "overflow and stop early"). Ours uses the cancellation-free suffix form
+(``rag_capg.pg.policy``). A run still checks the loss, the gradients and the updated parameters each
+step; on the first non-finite value (a huge learning rate does it) it stops and is reported as stopped at
+that step, the way the paper reports it, instead of crashing the benchmark.
 """
 
 from __future__ import annotations

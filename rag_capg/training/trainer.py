@@ -35,11 +35,23 @@ from rag_capg.pg.estimators import surrogate_loss
 from rag_capg.pg.policy import deterministic_top_k, entropy, kl_to_reference
 from rag_capg.retrieval.data import check_candidate_size
 from rag_capg.retrieval.inputs import as_corpus, as_queries
-from rag_capg.retrieval.retriever import (TopMIndex, embed_with_grad, encode_corpus, encode_queries,
-                                          freeze_unused_parameters, load_encoder, make_query_tower_model,
-                                          scores)
-from rag_capg.training.checkpoints import (find_last_checkpoint, load_checkpoint, save_best, save_checkpoint,
-                                           seed_everything)
+from rag_capg.retrieval.retriever import (
+    TopMIndex,
+    embed_with_grad,
+    encode_corpus,
+    encode_queries,
+    freeze_unused_parameters,
+    load_encoder,
+    make_query_tower_model,
+    scores,
+)
+from rag_capg.training.checkpoints import (
+    find_last_checkpoint,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+    seed_everything,
+)
 from rag_capg.training.config import CAPGConfig
 from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, candidate_recall, noise_generator, rollout
 from rag_capg.training.run_logger import RunLogger
@@ -234,7 +246,8 @@ class CAPGTrainer:
         t = lambda x, n: torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu(),  # noqa: E731
                                       torch.tensor(float(n), dtype=torch.float64)])
         return {"loss": t(loss.detach().double() * B, B), "kl": t(kl.detach().double().sum(), B),
-                "reward": t(kept.double().sum(), kept.numel()), "reward_sq": t((kept.double() ** 2).sum(), kept.numel()),
+                "reward": t(kept.double().sum(), kept.numel()),
+                "reward_sq": t((kept.double() ** 2).sum(), kept.numel()),
                 "zero_var": t((flat.std(dim=1, correction=0) == 0).sum(), n_kept),
                 "zero_reward": t((flat.amax(dim=1) == 0).sum(), n_kept),
                 "candidate_recall": t(*candidate_recall(ro, query_idx, self.train_q, self.corpus.ids)),

@@ -110,7 +110,8 @@ def test_bad_input_exits_2_naming_the_problem(args, needle, tiny_beir_dir, tiny_
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.trec").write_text("q12 Q0 d0_0 1\n")
     (tmp_path / "unknown.trec").write_text("q12 Q0 nope 1 1.0 x\n")
-    base = {"models": f"models=[{tiny_bi_encoder_path}]", "dataset": f"dataset={tiny_beir_dir}", "candidates": "candidates=20",
+    base = {"models": f"models=[{tiny_bi_encoder_path}]", "dataset": f"dataset={tiny_beir_dir}",
+            "candidates": "candidates=20",
             "output_dir": f"output_dir={tmp_path / 'o'}", "cache_dir": f"cache_dir={tmp_path / 'c'}"}
     for a in args:
         base[a.split("=")[0]] = a.replace("{tmp}", str(tmp_path))

@@ -15,7 +15,14 @@ import random
 import numpy as np
 import pytest
 
-from rag_capg.evaluation.metrics import evaluate_run, paired_test, parse_metric, per_query_scores, rank_documents, recall_curve
+from rag_capg.evaluation.metrics import (
+    evaluate_run,
+    paired_test,
+    parse_metric,
+    per_query_scores,
+    rank_documents,
+    recall_curve,
+)
 
 METRICS = ["recall@1", "recall@5", "recall@10", "recall@40", "ndcg@1", "ndcg@5", "ndcg@10", "ndcg@40",
            "mrr@1", "mrr@10", "map@5", "map@10", "map@40"]

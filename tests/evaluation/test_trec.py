@@ -1,4 +1,5 @@
-"""rag_capg.evaluation.trec: a written run reads back bit for bit, in trec_eval's order; bad lines name file and line."""
+"""rag_capg.evaluation.trec: a written run reads back bit for bit, in trec_eval's order; bad lines name the file
+and the line."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_round_trip_keeps_scores_exact_and_order(tmp_path):
     assert [line.split()[2] for line in lines[:4]] == rank_documents(run["q1"]) == ["d", "b", "a", "c"]
     assert [line.split()[3] for line in lines[:4]] == ["1", "2", "3", "4"]
     qrels = {"q1": {"a": 1}, "q2": {"x": 1}}
-    assert evaluate_run(back, qrels, ["mrr@10"]) == evaluate_run(run, qrels, ["mrr@10"]) == {"mrr@10": (1 / 3 + 1 / 2) / 2}
+    expected = {"mrr@10": (1 / 3 + 1 / 2) / 2}
+    assert evaluate_run(back, qrels, ["mrr@10"]) == evaluate_run(run, qrels, ["mrr@10"]) == expected
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -37,7 +37,8 @@ def test_llm_judge_manual_and_batch_invariant(tiny_causal_lm_path):
     judge = judges.LLMJudge(tiny_causal_lm_path, batch_size=4)
     got = judge.score(QIDS, QUERIES, PIDS, PASSAGES)
     assert got.shape == (2, 3) and ((got > 0) & (got < 1)).all()
-    # manual: one unpadded pair (no BOS in this tokenizer), full softmax over the vocabulary, sum the yes / no variant tokens
+    # manual: one unpadded pair (no BOS in this tokenizer), full softmax over the vocabulary, sum the yes / no
+    # variant tokens
     tok = AutoTokenizer.from_pretrained(str(tiny_causal_lm_path))
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_causal_lm_path)).eval()
     yes = {tok.convert_tokens_to_ids(t) for t in ["yes"]}

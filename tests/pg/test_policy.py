@@ -14,8 +14,14 @@ import pytest
 import torch
 from scipy import stats
 
-from rag_capg.pg.policy import (deterministic_top_k, entropy, item_log_prob, plackett_luce_log_prob,
-                             sample_plackett_luce, with_replacement_log_prob)
+from rag_capg.pg.policy import (
+    deterministic_top_k,
+    entropy,
+    item_log_prob,
+    plackett_luce_log_prob,
+    sample_plackett_luce,
+    with_replacement_log_prob,
+)
 
 
 def naive_pl_prob(logits: list[float], ordered_list: tuple[int, ...]) -> float:

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from rag_capg.retrieval.data import Corpus, QuerySet, check_candidate_size, corpus_fingerprint, load_corpus, load_queries
 from rag_capg.errors import InputError
+from rag_capg.retrieval.data import (
+    Corpus,
+    QuerySet,
+    check_candidate_size,
+    corpus_fingerprint,
+    load_corpus,
+    load_queries,
+)
 from tests.conftest import write_beir_folder
 
 CORPUS = [{"_id": "d1", "title": "Cats", "text": "cats purr"}, {"_id": "d2", "title": "", "text": "dogs bark"},

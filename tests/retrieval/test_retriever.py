@@ -11,8 +11,8 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from rag_capg.retrieval import retriever
 from rag_capg.errors import InputError
+from rag_capg.retrieval import retriever
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from rag_capg.cli import main as cli_main
+from rag_capg.cli.train import GROUPS
 from rag_capg.config_parsing import parse_config
 from rag_capg.errors import InputError
-from rag_capg.cli.train import GROUPS
 
 RECIPES = Path(__file__).resolve().parents[2] / "rag_capg" / "recipes"
 

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from rag_capg.cli import main as cli_main
-from rag_capg.errors import InputError
-from rag_capg.judges import JudgeError
 from rag_capg.cli.train import GROUPS, build_trainer
 from rag_capg.config_parsing import config_from_dict
+from rag_capg.errors import InputError
+from rag_capg.judges import JudgeError
 from rag_capg.training.rollout import batch_indices, noise_generator
 
 REPO = Path(__file__).resolve().parents[2]
