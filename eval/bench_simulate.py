@@ -22,8 +22,6 @@ several processes can share the job list and a restart resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import platform
@@ -36,7 +34,7 @@ import torch
 
 from rag_capg.io import write_json, write_text
 from rag_capg.pg.estimators import ESTIMATORS
-from rag_capg.simulate.cli import SimulateConfig, format_table, summarise
+from rag_capg.simulate.cli import SimulateConfig, format_table, summarise, values_csv
 from rag_capg.simulate.env import make_env
 from rag_capg.simulate.plots import LABELS, mean_curve, plot_curves, runs_by_k_and_estimator
 from rag_capg.simulate.runner import RunResult, run, steps_to_fraction
@@ -124,13 +122,7 @@ def combine(cfg: SimulateConfig, env, out: Path, figure: Path, jobs, title: str)
     g = torch.Generator().manual_seed(cfg.env_seed)
     oracle = {k: env.oracle_value(k, cfg.num_picks, kind=cfg.lsr, generator=g)
               for k in sorted({r.k for r in results})}
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["estimator", "K", "seed", "step", "policy_value"])
-    for r in results:
-        for s, v in zip(r.steps, r.values):
-            writer.writerow([r.estimator, r.k, r.seed, s, f"{v:.6f}"])
-    write_text(out / "values.csv", buf.getvalue())
+    write_text(out / "values.csv", values_csv(results))
     plot_curves(results, oracle, figure, title=title)
     rows = summarise(results, oracle)
     table = format_table(rows) + "\n\n" + threshold_table(results, oracle)

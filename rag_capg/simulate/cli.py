@@ -167,15 +167,20 @@ def simulate(cfg: SimulateConfig) -> tuple[list[RunResult], dict[int, float], li
     return results, oracle, rows
 
 
-def write_outputs(cfg: SimulateConfig, results: list[RunResult], oracle: dict[int, float], rows: list[dict]) -> None:
-    out = cfg.output_dir
+def values_csv(results: list[RunResult]) -> str:
+    """values.csv: one row per (run, evaluation): estimator, K, seed, step, policy_value."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["estimator", "K", "seed", "step", "policy_value"])
     for r in results:
         for s, v in zip(r.steps, r.values):
             writer.writerow([r.estimator, r.k, r.seed, s, f"{v:.6f}"])
-    write_text(f"{out}/values.csv", buf.getvalue())
+    return buf.getvalue()
+
+
+def write_outputs(cfg: SimulateConfig, results: list[RunResult], oracle: dict[int, float], rows: list[dict]) -> None:
+    out = cfg.output_dir
+    write_text(f"{out}/values.csv", values_csv(results))
     plot_curves(results, oracle, f"{out}/curves.png",
                 title=f"L={cfg.num_picks}, {cfg.lsr} LSR, {len(cfg.seeds)} seed(s), batch {cfg.batch_size}")
     write_json(f"{out}/summary.json", {

@@ -92,11 +92,22 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
     epochs: int = field(default=1, metadata={"help": "passes over the training queries (if max_steps unset)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
 
-    # ---- evaluation, checkpoints, logging --------------------------------------------------------------
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0 = before and after only)"})
+    # ---- choosing the model to ship, evaluation, checkpoints, logging -------------------------------------
+    dev_fraction: float = field(default=0.2, metadata={"help": (
+        "share of the training queries held out (never trained on) to choose the checkpoint that becomes "
+        "final/, the starting model included; with labels the dev queries' own qrels, without labels the "
+        "judge's favourites among the starting model's candidates (0 = no hold-out: final/ is the last step)")})
+    dev_max_queries: int | None = field(default=200, metadata={"help": "at most this many dev queries"})
+    dev_seed: int = field(default=0, metadata={"help": (
+        "seed of the dev hold-out (a query's side depends only on this seed and its id)")})
+    dev_judge_top: int = field(default=5, metadata={"help": (
+        "without labels: the judge's top-N of the starting model's top 2K passages count as a dev query's "
+        "relevant ones")})
+    eval_every: int | None = field(default=None, metadata={"help": (
+        "evaluate (dev and eval split) every N steps; null = 10 times over the run; 0 = before and after only")})
     eval_before: bool = field(default=True, metadata={"help": "evaluate the initial model at step 0"})
     metric_for_best: Literal["ndcg@10", "recall@K"] = field(default="ndcg@10", metadata={
-        "help": "eval metric that selects best/"})
+        "help": "dev metric that chooses the checkpoint shipped as final/"})
     save_every: int = field(default=0, metadata={"help": "write checkpoints/step-N every N steps (0 = off)"})
     save_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     output_dir: str = field(default="runs/capg", metadata={"help": "run folder"})
@@ -117,11 +128,11 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
                      "epochs", "reindex_every", "top_m", "tail_samples", "exact_nodes", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_total_limit", "exact_top_m"):
+        for name in ("max_steps", "save_total_limit", "exact_top_m", "dev_max_queries"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (or null), got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("tau", "lsr_temperature"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
@@ -129,6 +140,10 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "beta"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 bad(name, f"must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dev_fraction < 1:
+            bad("dev_fraction", f"must lie in [0, 1), got {self.dev_fraction}")
+        if self.dev_judge_top < 1:
+            bad("dev_judge_top", f"must be >= 1, got {self.dev_judge_top}")
         if not 0 <= self.warmup_ratio <= 1:
             bad("warmup_ratio", f"must lie in [0, 1], got {self.warmup_ratio}")
         if self.num_picks > self.candidates:

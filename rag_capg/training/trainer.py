@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +56,7 @@ from rag_capg.training.checkpoints import (
 from rag_capg.training.config import CAPGConfig
 from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, candidate_recall, noise_generator, rollout
 from rag_capg.training.run_logger import RunLogger
+from rag_capg.training.selection import split_dev
 
 # (sum, count) pairs summed over micro-batches and processes in one all-reduce; the logged mean is sum / count.
 SUMMED = ("loss", "kl", "reward", "reward_sq", "zero_var", "zero_reward", "candidate_recall", "entropy",
@@ -107,6 +109,9 @@ class CAPGTrainer:
         check_candidate_size(c.candidates, self.corpus, field="candidates")
         self.train_q = as_queries(train_dataset, self.corpus, split="train")
         self.eval_q = None if eval_dataset is None else as_queries(eval_dataset, self.corpus, split="eval")
+        # the dev part: held out of training, it chooses the checkpoint shipped as final/ (training/selection.py)
+        self.train_q, self.dev_q = split_dev(self.train_q, c.dev_fraction, max_queries=c.dev_max_queries,
+                                             seed=c.dev_seed) if c.dev_fraction > 0 else (self.train_q, None)
         shards = self.accelerator.num_processes * c.gradient_accumulation_steps
         if c.batch_size % shards:
             raise InputError(f"the global batch of {c.batch_size} queries must split evenly over "
@@ -117,6 +122,7 @@ class CAPGTrainer:
                              f"{self.train_q.split!r}", field="batch_size")
         self.steps_per_epoch = len(self.train_q) // c.batch_size
         self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        self.eval_every = c.eval_every if c.eval_every is not None else max(1, self.total_steps // 10)
         # 2. the early-stage ranker and its document index -------------------------------------------------
         dev = self.accelerator.device
         base = load_encoder(model, device=dev) if isinstance(model, str) else model.to(dev)
@@ -160,6 +166,7 @@ class CAPGTrainer:
         self.step, self.best = 0, {"metric": None, "step": None}
         self.logger = RunLogger(self.out, self.accelerator, report_to=c.report_to, progress=c.progress,
                                 eval_split=None if self.eval_q is None else self.eval_q.split, k=c.candidates)
+        self.dev_labels = "qrels" if self.dev_q is not None and self.dev_q.labelled else "judge"
 
     # ------------------------------------------------------------------------------------------ the index
     def encode_index(self, model, *, cache: bool) -> torch.Tensor:
@@ -301,10 +308,9 @@ class CAPGTrainer:
                 "lsr_hit_rate": hits / max(hits + misses, 1), "lsr_misses": int(misses), **staleness}
 
     # ------------------------------------------------------------------------------------------ eval
-    def evaluate(self) -> dict | None:
-        """ESR Recall@K and nDCG@10 of the deterministic top-K on eval_dataset, logged; updates best/."""
-        if self.eval_q is None:
-            return None
+    def evaluate_split(self, queries) -> dict:
+        """ESR Recall@K and nDCG@10 of the deterministic top-K on ``queries`` (one process evaluates, the row is
+        broadcast), logged to eval.jsonl."""
         from accelerate.utils import broadcast_object_list
 
         from rag_capg.evaluation.evaluate import evaluate_index
@@ -313,19 +319,48 @@ class CAPGTrainer:
         if c.mode == "both_towers" and self.index_step != self.step:  # evaluate against a fresh index
             self.doc_emb, self.index_step = self.encode_index(self.model, cache=False), self.step
         row = [None]
-        if self.accelerator.is_main_process:  # one process evaluates; the others wait for its row
-            row[0] = {"step": self.step, "split": self.eval_q.split,
-                      **evaluate_index(self.model, self.doc_emb, self.eval_q, self.corpus, k=c.candidates,
+        if self.accelerator.is_main_process:
+            row[0] = {"step": self.step, "split": queries.split,
+                      **evaluate_index(self.model, self.doc_emb, queries, self.corpus, k=c.candidates,
                                        similarity=self.similarity, batch_size=c.encode_batch_size)}
         if self.accelerator.num_processes > 1:
             broadcast_object_list(row)
-        row = row[0]
-        self.logger.log_eval(row)
-        metric = row["ndcg@10"] if c.metric_for_best == "ndcg@10" else row[f"recall@{c.candidates}"]
-        if self.step > 0 and (self.best["metric"] is None or metric > self.best["metric"]):
-            self.best = {"metric": metric, "step": self.step, "name": c.metric_for_best}
-            save_best(self.out, self.model, self.best, self.accelerator)
-        return row
+        self.logger.log_eval(row[0])
+        return row[0]
+
+    def evaluate(self, *, eval_split: bool = True) -> dict | None:
+        """The periodic evaluation: the dev part (which chooses the checkpoint: the best so far is kept in
+        best/, the starting model included) and the eval split (for the curves only: nothing is chosen on it).
+        Returns the eval split's row."""
+        c = self.args
+        if self.dev_q is not None:
+            row = self.evaluate_split(self.dev_q)
+            metric = row["ndcg@10"] if c.metric_for_best == "ndcg@10" else row[f"recall@{c.candidates}"]
+            if self.best["metric"] is None or metric > self.best["metric"]:
+                self.best = {"metric": metric, "step": self.step, "name": c.metric_for_best, "split": "dev",
+                             "labels": self.dev_labels, "queries": len(self.dev_q)}
+                save_best(self.out, self.model, self.best, self.accelerator)
+        return None if self.eval_q is None or not eval_split else self.evaluate_split(self.eval_q)
+
+    def label_dev_with_judge(self) -> None:
+        """Without labels: the judge's favourites among the starting model's top 2K become the dev qrels,
+        once per run (kept in dev_qrels.json, so a resumed run chooses on the same labels)."""
+        import json
+
+        from rag_capg.evaluation.evaluate import dense_run
+        from rag_capg.io import write_json
+        from rag_capg.training.selection import judge_pseudo_qrels
+
+        path = self.out / "dev_qrels.json"
+        if path.is_file():
+            qrels = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            run = dense_run(self.model, self.corpus, self.dev_q, depth=min(2 * self.args.candidates, len(self.corpus)),
+                            similarity=self.similarity, batch_size=self.args.encode_batch_size, doc_emb=self.doc_emb)
+            qrels = judge_pseudo_qrels(self.dev_q, run, self.corpus, self.judge, num_relevant=self.args.dev_judge_top)
+            if self.accelerator.is_main_process:
+                write_json(path, qrels)
+        self.dev_q.qrels = qrels
 
     # ------------------------------------------------------------------------------------------ the loop
     def run_config(self) -> dict:
@@ -348,8 +383,16 @@ class CAPGTrainer:
         elif (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
             raise InputError(f"{self.out} already holds checkpoints: pass resume=true to continue that run, "
                              "or choose another output_dir", field="output_dir")
+        else:  # a fresh run: nothing of an earlier run's choice may leak into this one
+            if acc.is_main_process:
+                for stale in ("best", "best.json", "dev_qrels.json"):
+                    path = self.out / stale
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            acc.wait_for_everyone()
         self.logger.start(self.run_config(), resumed_at=self.step if resumed_from else None)
-        before = self.evaluate() if (c.eval_before and self.step == 0) else None
+        if self.dev_q is not None and self.dev_labels == "judge":
+            self.label_dev_with_judge()
+        before = self.evaluate() if (c.eval_before or self.dev_q is not None) and self.step == 0 else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (c.progress and acc.is_local_main_process))
         while self.step < self.total_steps:
@@ -361,7 +404,7 @@ class CAPGTrainer:
             if self.step % c.log_every == 0 or self.step == self.total_steps:
                 self.logger.log_train({"step": self.step, "epoch": self.step / self.steps_per_epoch, **row})
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3f}")
-            if c.eval_every and self.step % c.eval_every == 0 and self.step != self.total_steps:
+            if self.eval_every and self.step % self.eval_every == 0 and self.step != self.total_steps:
                 self.evaluate()
             if c.save_every and self.step % c.save_every == 0:
                 save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, acc,
@@ -369,17 +412,58 @@ class CAPGTrainer:
                                  "index": self.doc_emb.cpu() if c.mode == "both_towers" else None},
                                 limit=c.save_total_limit)
         bar.close()
-        after = self.evaluate()
+        after, selection = self.finish_selection()
         summary = {"base_model": self.base_model_name, "dataset": self.corpus.source, "lsr": self.judge.identity,
                    "reward_mapping": c.reward_mapping, "estimator": c.estimator, "K": c.candidates,
                    "L": c.num_picks, "G": c.group_size, "mode": c.mode, "steps": self.step,
                    "train_queries": len(self.train_q), "corpus_size": len(self.corpus),
                    "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
                    "wall_time_s": round(time.time() - t0, 1), "resumed_from": resumed_from,
-                   "eval_before": before, "eval_after": after, "best": self.best,
+                   "eval_before": before, "eval_after": after, "best": self.best, **selection,
                    "lsr_cache": {"hits": self.judge.hits, "misses": self.judge.misses}}
         self.save_final(summary)
+        if acc.is_main_process and selection.get("message"):
+            print(selection["message"], flush=True)
         return summary
+
+    def finish_selection(self) -> tuple[dict | None, dict]:
+        """Make self.model the model to ship (the best on dev, possibly the starting one), evaluate it on the
+        eval split, and say what was chosen. Without a dev part the last step is shipped."""
+        c = self.args
+        if self.dev_q is None:
+            return self.evaluate_split(self.eval_q) if self.eval_q is not None else None, {
+                "selection": {"dev_queries": 0, "shipped_step": self.step,
+                              "reason": "no dev hold-out (dev_fraction=0 or too few training queries)"}}
+        if self.step > 0:  # the loop evaluates every eval_every steps but never at the last one
+            self.evaluate(eval_split=False)
+        best_step = self.best["step"]
+        if best_step != self.step:  # load the chosen weights back (the index follows in both_towers mode)
+            from sentence_transformers import SentenceTransformer
+
+            self.model.load_state_dict(SentenceTransformer(str(self.out / "best"), device="cpu").state_dict())
+            self.index_step = -1
+        after = self.evaluate_split(self.eval_q) if self.eval_q is not None else None
+        name = c.metric_for_best
+        start = next((r for r in self._dev_rows() if r["step"] == 0), None)
+        selection = {"dev_queries": len(self.dev_q), "dev_labels": self.dev_labels, "dev_seed": c.dev_seed,
+                     "dev_fraction": c.dev_fraction, "shipped_step": best_step, "metric": name,
+                     "dev_start": None if start is None else start.get(self._metric_key()),
+                     "dev_shipped": self.best["metric"], "improved": best_step != 0}
+        message = None
+        if best_step == 0:
+            message = (f"Training never beat the starting model on the {len(self.dev_q)} dev queries ({name} "
+                       f"{self.best['metric']:.4f} at step 0): final/ is the starting model, unchanged.")
+        return after, {"selection": selection, **({"message": message} if message else {})}
+
+    def _metric_key(self) -> str:
+        return "ndcg@10" if self.args.metric_for_best == "ndcg@10" else f"recall@{self.args.candidates}"
+
+    def _dev_rows(self) -> list[dict]:
+        import json
+
+        path = self.out / "eval.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+        return [r for r in rows if r.get("split") == "dev"]
 
     def save_final(self, summary: dict) -> None:
         from rag_capg.io import atomic_dir, write_json
@@ -388,5 +472,6 @@ class CAPGTrainer:
             with atomic_dir(self.out / "final") as tmp:
                 self.model.save(str(tmp))
             write_json(self.out / "run_summary.json", summary)
+            shutil.rmtree(self.out / "best", ignore_errors=True)  # it is final/ now: one folder to ship
         self.logger.finish()
         self.accelerator.wait_for_everyone()

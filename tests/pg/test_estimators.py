@@ -20,22 +20,12 @@ import torch
 
 from rag_capg.pg.estimators import ESTIMATORS, gradient_variance, group_baseline_rewards, surrogate_loss
 from rag_capg.pg.policy import sample_plackett_luce
+from tests.pg.reference import naive_pl_prob
 
 SMALL_LOGITS = torch.tensor([[0.3, -0.4, 0.1, 0.8, -1.0]], dtype=torch.float64)
 SMALL_REWARDS = torch.tensor([1.0, 0.2, 2.0, 0.5, 1.5], dtype=torch.float64)  # r(item), fixed
 SMALL_K = 3
 EXACT_OPTIONS = {"exact_top_m": None, "exact_nodes": 64}  # full DP over the 5 items
-
-
-def naive_pl_prob(logits: torch.Tensor, ordered_list: tuple[int, ...]) -> torch.Tensor:
-    """pi(S) = prod_k w_{c_k} / sum_{j not yet drawn} w_j (1-D logits; differentiable)."""
-    w = logits.exp()
-    remaining = list(range(logits.shape[0]))
-    prob = torch.ones((), dtype=logits.dtype)
-    for c in ordered_list:
-        prob = prob * w[c] / w[remaining].sum()
-        remaining.remove(c)
-    return prob
 
 
 def exact_policy_gradient(logits: torch.Tensor, rewards: torch.Tensor, k: int, lsr: str) -> torch.Tensor:

@@ -19,20 +19,10 @@ import torch
 
 from rag_capg.pg.inclusion import inclusion_prob_approx, inclusion_prob_exact, log_inclusion_prob
 from rag_capg.pg.policy import sample_plackett_luce
+from tests.pg.reference import naive_pl_prob
 
 MC_N, MC_K, MC_SAMPLES = 200, 20, 200_000
 MC_RANKS = [0, 3, 10, 19, 20, 30, 60, 120, 199]  # top, mid (around K), low
-
-
-def naive_pl_prob(logits: torch.Tensor, ordered_list: tuple[int, ...]) -> torch.Tensor:
-    """pi(S) = prod_k w_{c_k} / sum_{j not yet drawn} w_j (1-D float64 logits; differentiable)."""
-    w = logits.exp()
-    remaining = list(range(logits.shape[0]))
-    prob = torch.ones((), dtype=logits.dtype)
-    for c in ordered_list:
-        prob = prob * w[c] / w[remaining].sum()
-        remaining.remove(c)
-    return prob
 
 
 def enumerated_inclusion(logits: torch.Tensor, k: int) -> torch.Tensor:

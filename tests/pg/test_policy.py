@@ -18,32 +18,12 @@ from rag_capg.pg.policy import (
     deterministic_top_k,
     entropy,
     item_log_prob,
+    kl_to_reference,
     plackett_luce_log_prob,
     sample_plackett_luce,
     with_replacement_log_prob,
 )
-
-
-def naive_pl_prob(logits: list[float], ordered_list: tuple[int, ...]) -> float:
-    """pi(S) = prod_k w_{c_k} / sum_{j not yet drawn} w_j, straight from the definition."""
-    weights = [math.exp(x) for x in logits]
-    remaining = list(range(len(logits)))
-    prob = 1.0
-    for c in ordered_list:
-        prob *= weights[c] / sum(weights[j] for j in remaining)
-        remaining.remove(c)
-    return prob
-
-
-def naive_pl_prob_torch(logits: torch.Tensor, ordered_list: tuple[int, ...]) -> torch.Tensor:
-    """Same product in torch (1-D float64 logits), so that autograd gives the reference gradient."""
-    w = logits.exp()
-    remaining = list(range(logits.shape[0]))
-    prob = torch.ones((), dtype=logits.dtype)
-    for c in ordered_list:
-        prob = prob * w[c] / w[remaining].sum()
-        remaining.remove(c)
-    return prob
+from tests.pg.reference import naive_pl_prob
 
 
 def all_ordered_lists(n: int, k: int) -> list[tuple[int, ...]]:
@@ -61,7 +41,7 @@ def test_pl_log_prob_equals_enumeration_over_all_ordered_lists(n):
             s = random_logits(n, seed, scale)
             lists = all_ordered_lists(n, k)
             got = plackett_luce_log_prob(s.expand(len(lists), n), torch.tensor(lists))
-            want = torch.tensor([math.log(naive_pl_prob(s[0].tolist(), c)) for c in lists], dtype=torch.float64)
+            want = torch.tensor([math.log(float(naive_pl_prob(s[0].tolist(), c))) for c in lists], dtype=torch.float64)
             torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
             # a distribution over the ordered k-lists
             assert abs(float(got.exp().sum()) - 1.0) < 1e-12
@@ -73,7 +53,7 @@ def test_peaked_policy_stays_finite_and_exact_where_the_textbook_normaliser_canc
     # sum of positive terms.
     s = torch.tensor([[50.0, 10.0, 9.0, 0.0, -3.0, -40.0]], dtype=torch.float64)
     lists = all_ordered_lists(6, 3)
-    want = torch.tensor([math.log(naive_pl_prob(s[0].tolist(), c)) for c in lists], dtype=torch.float64)
+    want = torch.tensor([math.log(float(naive_pl_prob(s[0].tolist(), c))) for c in lists], dtype=torch.float64)
     x = s.expand(len(lists), 6).clone().requires_grad_(True)
     got = plackett_luce_log_prob(x, torch.tensor(lists))
     assert torch.isfinite(got).all()
@@ -90,7 +70,7 @@ def test_peaked_policy_stays_finite_and_exact_where_the_textbook_normaliser_canc
     assert torch.isfinite(grad).all()
     for row in [0, lists.index((0, 1, 2)), lists.index((5, 4, 3)), len(lists) - 1]:
         s_ref = s[0].clone().requires_grad_(True)
-        (want_grad,) = torch.autograd.grad(naive_pl_prob_torch(s_ref, lists[row]).log(), s_ref)
+        (want_grad,) = torch.autograd.grad(naive_pl_prob(s_ref, lists[row]).log(), s_ref)
         torch.testing.assert_close(grad[row], want_grad, atol=1e-10, rtol=0)
 
 
@@ -135,7 +115,7 @@ def test_sampler_frequencies_match_pl_probabilities_chi_square(k):
     num_samples = 200_000
     s = torch.tensor([[0.6, 0.2, 0.0, -0.3, -0.9]], dtype=torch.float64)
     all_lists = all_ordered_lists(5, k)
-    probs = np.array([naive_pl_prob(s[0].tolist(), c) for c in all_lists])
+    probs = np.array([float(naive_pl_prob(s[0].tolist(), c)) for c in all_lists])
     lists = sample_plackett_luce(s.expand(num_samples, 5), k, generator=torch.Generator().manual_seed(k))
     assert lists.shape == (num_samples, k) and lists.dtype == torch.int64
     counts = _list_frequencies(lists, all_lists)
@@ -143,7 +123,7 @@ def test_sampler_frequencies_match_pl_probabilities_chi_square(k):
     assert stats.chisquare(counts, probs * num_samples).pvalue > 1e-3
     # the test has power: the same counts reject the PL law of slightly different logits
     wrong = [0.5, 0.3, 0.0, -0.3, -0.9]
-    wrong_probs = np.array([naive_pl_prob(wrong, c) for c in all_lists])
+    wrong_probs = np.array([float(naive_pl_prob(wrong, c)) for c in all_lists])
     assert stats.chisquare(counts, wrong_probs * num_samples).pvalue < 1e-6
 
 
@@ -156,7 +136,7 @@ def test_masked_sampler_is_pl_over_the_allowed_items_and_reproducible():
     assert not (lists == 1).any()  # the heaviest item is masked: never drawn
     allowed = [0, 2, 3, 4]
     all_lists = [c for c in all_ordered_lists(5, 2) if 1 not in c]
-    probs = np.array([naive_pl_prob([s[0, j].item() for j in allowed], tuple(allowed.index(i) for i in c))
+    probs = np.array([float(naive_pl_prob([s[0, j].item() for j in allowed], tuple(allowed.index(i) for i in c)))
                       for c in all_lists])
     assert stats.chisquare(_list_frequencies(lists, all_lists), probs * num_samples).pvalue > 1e-3
     # same seed, same draw; other seed, other draw
@@ -242,7 +222,7 @@ def test_float32_agrees_with_float64_and_half_precision_is_upcast():
             assert got.dtype == torch.float32 and torch.isfinite(got).all()
             want = fn(*((half.float(),) if fn is entropy else (half.float(), half_list)))
             torch.testing.assert_close(got, want, atol=0, rtol=0)
-    want = math.log(naive_pl_prob([12.0, 11.0, 0.0, -5.0], (0, 1)))
+    want = math.log(float(naive_pl_prob([12.0, 11.0, 0.0, -5.0], (0, 1))))
     assert math.isclose(float(plackett_luce_log_prob(s16, half_list)[0]), want, abs_tol=1e-5)
 
 
@@ -345,3 +325,31 @@ def test_log_probs_of_a_sharp_policy_match_float64():
         assert torch.isfinite(grad).all()
         # float32 log-space sums at |logits| ~ 400 carry ~3e-5 absolute error: the bar is float32's, not exact
         torch.testing.assert_close(grad.double(), want_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_kl_to_reference_equals_the_sum_over_the_corpus_and_its_closed_form_gradient():
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(3, 12, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    s0 = torch.randn(3, 12, generator=g, dtype=torch.float64) * 2
+    kl = kl_to_reference(s, s0)
+    for b in range(3):  # brute force: sum_j p_j log(p_j / p0_j), from the definitions
+        w, w0 = [math.exp(x) for x in s[b].tolist()], [math.exp(x) for x in s0[b].tolist()]
+        p, p0 = [x / sum(w) for x in w], [x / sum(w0) for x in w0]
+        assert kl[b].item() == pytest.approx(sum(a * math.log(a / c) for a, c in zip(p, p0)), rel=1e-12)
+    (grad,) = torch.autograd.grad(kl.sum(), s)
+    p = torch.softmax(s.detach(), 1)
+    d = s.detach() - s0
+    # method doc section 5: d KL / d s_k = p_k ((s_k - s0_k) - sum_j p_j (s_j - s0_j))
+    torch.testing.assert_close(grad, p * (d - (p * d).sum(1, keepdim=True)), atol=1e-12, rtol=0)
+    assert kl_to_reference(s0, s0).abs().max() < 1e-12  # zero at the reference
+
+
+def test_one_generator_per_row_block_draws_what_each_generator_draws_alone():
+    s = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    rows = s.repeat_interleave(2, dim=0)  # 3 queries x 2 lists
+    batched = sample_plackett_luce(rows, 5, generator=[torch.Generator().manual_seed(100 + i) for i in range(3)])
+    for i in range(3):
+        alone = sample_plackett_luce(rows[2 * i:2 * i + 2], 5, generator=torch.Generator().manual_seed(100 + i))
+        assert torch.equal(batched[2 * i:2 * i + 2], alone)
+    with pytest.raises(ValueError, match="equal blocks"):
+        sample_plackett_luce(rows, 5, generator=[torch.Generator() for _ in range(4)])

@@ -92,7 +92,7 @@ def test_each_lsr_trains_and_writes_the_run_folder(lsr, tmp_path, tiny_bi_encode
     summary = train(cfg)
     run = Path(cfg["output_dir"])
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.jsonl", "run_summary.json", "curves.png",
-                 "final/modules.json", "checkpoints/step-3/trainer_state.pt", "best.json"):
+                 "final/modules.json", "checkpoints/step-3/trainer_state.pt"):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

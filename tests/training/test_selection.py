@@ -1,0 +1,97 @@
+"""Choosing the model to ship: the dev hold-out (disjoint from training, the same in every process and on
+resume), the judge's pseudo-labels without qrels, and a run that never beats its start shipping the start."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from rag_capg.retrieval.data import QuerySet, load_corpus, load_queries
+from rag_capg.training.selection import judge_pseudo_qrels, split_dev
+from tests.training.test_trainer import config, train, weights
+
+
+def test_dev_split_is_disjoint_seeded_and_independent_of_order():
+    qs = QuerySet(ids=[f"q{i}" for i in range(50)], texts=[f"t{i}" for i in range(50)],
+                  qrels={f"q{i}": {"d": 1} for i in range(50)}, split="train")
+    train_part, dev = split_dev(qs, 0.2, max_queries=None, seed=3)
+    assert len(dev) == 10 and len(train_part) == 40
+    assert set(dev.ids).isdisjoint(train_part.ids) and set(dev.ids) | set(train_part.ids) == set(qs.ids)
+    assert dev.split == "dev" and all(dev.qrels[q] == {"d": 1} for q in dev.ids)
+    # a query's side depends on (seed, id) only: shuffled input, the same dev queries
+    order = list(range(50))
+    random.Random(0).shuffle(order)
+    _, dev_shuffled = split_dev(qs.subset(order), 0.2, max_queries=None, seed=3)
+    assert set(dev_shuffled.ids) == set(dev.ids)
+    assert set(split_dev(qs, 0.2, max_queries=None, seed=4)[1].ids) != set(dev.ids)  # another seed, another split
+    assert len(split_dev(qs, 0.2, max_queries=6, seed=3)[1]) == 6
+    assert split_dev(qs.head(20), 0.2, max_queries=None, seed=3)[1] is None  # 4 < 5 dev queries: no hold-out
+
+
+def test_judge_pseudo_qrels_are_the_judges_top_of_the_pool(tiny_beir_dir):
+    corpus = load_corpus(str(tiny_beir_dir))
+    dev = load_queries(str(tiny_beir_dir), "test", corpus)
+    pool = {q: {d: 1.0 for d in corpus.ids[:12]} for q in dev.ids}
+    score_of = {d: float((7 * i) % 12) for i, d in enumerate(corpus.ids)}
+
+    class Judge:
+        identity = "j"
+
+        def score(self, query_ids, queries, passage_ids, passages):
+            return torch.tensor([[score_of[d] for d in row] for row in passage_ids])
+
+    qrels = judge_pseudo_qrels(dev, pool, corpus, Judge(), num_relevant=3)
+    best = sorted(corpus.ids[:12], key=score_of.get, reverse=True)[:3]  # brute force
+    assert all(qrels[q] == {best[0]: 3, best[1]: 2, best[2]: 1} for q in dev.ids)
+
+
+def anti_judge(query_ids, queries, passage_ids, passages):
+    """Rewards passages that share NO word with the query: training on it makes retrieval worse."""
+    return [[float(not set(q.lower().split()) & set(p.lower().split())) for p in row]
+            for q, row in zip(queries, passages)]
+
+
+def test_a_run_that_never_beats_its_start_ships_the_start(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, capsys):
+    cfg = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, dev_fraction=0.5, max_steps=6, eval_every=2,
+                 learning_rate=2e-2, lsr="callable", lsr_callable="tests.training.test_selection:anti_judge",
+                 eval_split="", dev_max_queries=None)
+    summary = train(cfg)
+    run = Path(cfg["output_dir"])
+    sel = summary["selection"]
+    assert sel["dev_queries"] == 6 and sel["dev_labels"] == "qrels" and summary["train_queries"] == 6
+    assert sel["shipped_step"] == 0 and sel["improved"] is False
+    assert "never beat the starting model" in capsys.readouterr().out
+    assert "never beat the starting model" in json.loads((run / "run_summary.json").read_text())["message"]
+    dev_rows = [json.loads(r) for r in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in dev_rows if r["split"] == "dev"] == [0, 2, 4, 6]
+    assert max(r["ndcg@10"] for r in dev_rows if r["step"] > 0) < dev_rows[0]["ndcg@10"]  # it really got worse
+    # final/ is the starting model: its query tower is the base encoder, bit for bit
+    base = {k.split("/", 1)[1]: v for k, v in weights(tiny_bi_encoder_path).items()}
+    final = weights(run / "final")
+    assert all(torch.equal(v, base[k.split("/", 1)[1]]) for k, v in final.items())
+    assert not (run / "best").exists()  # one folder to ship
+
+
+def test_without_labels_the_dev_queries_are_labelled_by_the_judge(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    from rag_capg import CAPGConfig, CAPGTrainer
+    from tests.training.test_trainer import counting_judge
+
+    corpus = load_corpus(str(tiny_beir_dir))
+    labelled = load_queries(str(tiny_beir_dir), "train", corpus)
+    unlabelled = dict(zip(labelled.ids, labelled.texts))  # the same queries, no qrels
+    args = CAPGConfig(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), candidates=5,
+                      batch_size=4, max_steps=3, eval_every=1, learning_rate=1e-3, report_to="none", progress=False,
+                      dev_fraction=0.5, dev_max_queries=None, dev_judge_top=2)
+    summary = CAPGTrainer(model=str(tiny_bi_encoder_path), judge=counting_judge, args=args, corpus=corpus,
+                          train_dataset=unlabelled).train()
+    assert summary["selection"]["dev_labels"] == "judge"
+    qrels = json.loads((tmp_path / "run" / "dev_qrels.json").read_text())
+    dev_ids = split_dev(labelled, 0.5, max_queries=None, seed=0)[1].ids
+    assert sorted(qrels) == sorted(dev_ids) and all(sorted(g.values()) == [1, 2] for g in qrels.values())
+    # the pseudo-relevant passages are the judge's (word overlap) top 2 among the starting model's top 10
+    text_of, q = dict(zip(corpus.ids, corpus.texts)), dev_ids[0]
+    overlap = counting_judge([q], [unlabelled[q]], [list(qrels[q])], [[text_of[d] for d in qrels[q]]])[0]
+    assert min(overlap) >= 1  # the tiny corpus has overlapping passages for every query
