@@ -7,8 +7,8 @@
 with D_n the distribution of arrivals among the M = top_m + 1 kept items (failure probabilities
 q_jn = v_n^(r_j), r_j = w_j / w_ref; a's own slot, if a is kept, has r = 0) and T_n the CDF of the tail's
 count, exp(lam (z-1) - s2 (z-1)^2 / 2) with lam = sum_tail p_j, s2 = sum_tail p_j^2, p_j = 1 - v_n^(r_j)
-(``inclusion._tail_start``). In torch ops under autograd that was ~40 operations each way plus a pass
-over (B, L, N, nodes) for the tail: ~11 ms for 128 picks at N = 1,000, K = 20, four TOP1 steps. Here:
+(``inclusion._tail_start``). In torch ops under autograd that is ~40 operations each way plus a pass
+over (B, L, N, nodes) for the tail (the torch path, kept as the reference and the GPU path). Here:
 
 1. ``_prepare``: per pick, r_j of the kept slots, c = w_a / w_ref, rho = w_M / w_ref (w_M: the lightest
    kept item, which bounds the tail), a's slot.
@@ -221,8 +221,8 @@ def _triangle_dp_adjoint(q, S, G, log_v, d_r):  # pragma: no cover - compiled
     dP/dlog q_jn with dP/dlog q_jn = q_jn sum_c G_{j+1}[c] (S_j[c] - S_j[c-1]), over the same triangle
     (S_j[c] = 0 for c > j; G_j is needed for c <= j only). Summed by parts, sum_c S_j[c] (G[c] - G[c+1]), so
     that one pass over c both accumulates it and steps G back: G_j[c] = G[c+1] + q (G[c] - G[c+1]). Nodes
-    go four at a time (n is a multiple of 4), their accumulators in registers: 20% faster than a loop over
-    the nodes inside the loop over c."""
+    go four at a time (n is a multiple of 4), their accumulators in registers, rather than a loop over the
+    nodes inside the loop over c."""
     M, n = q.shape
     k = G.shape[0]
     for j in range(M - 1, -1, -1):

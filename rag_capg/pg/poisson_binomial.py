@@ -25,11 +25,10 @@ i.e. G_j[c] = Prob[items j..M add at most K-1-c], and since dq_j/dlog q_j = q_j 
     dF/dlog q_j = q_j sum_c G_{j+1}[c] (S_j[c] - S_j[c-1]),      dF/dstate0 = G_0.
 
 Two implementations of the same arithmetic:
-  * on CPU, a fused numba kernel (numba ships with our ``ranx`` dependency) computes F and both
+  * on CPU, a fused numba kernel computes F and both
     derivatives in one pass over each block of columns, with the M x K prefix states kept in cache;
     backward only scales the stored derivatives by the incoming gradient. Autograd through the torch
-    recurrence costs ~10 tensor ops per item and per direction (M = 64: ~1,300 ops a step), which made
-    CA-PG-exact ~13x slower than TOP1 per step of the synthetic benchmark (eval/RESULTS.md);
+    recurrence costs ~10 tensor ops per item and per direction (M = 64: ~1,300 ops a step);
   * anywhere else (CUDA) or if numba is missing, the torch recurrence below, under autograd.
 ``race_truncated_cdf`` is the exponential race's special case log q_j = r_j log v_n (relative weight r_j,
 quadrature node v_n): it builds log q itself and hands back dF/dr directly.

@@ -19,8 +19,7 @@ corpus item) and works on any device. Item weights are ``w_j = exp(s_j)``; ``p =
 * Sampling uses the Gumbel top-k trick: the top-k of ``s + Gumbel noise`` is an exact PL sample, ordered.
   The noise is ``-log(-log U)``, U ~ Uniform[0, 1) from ``torch.rand``, with U clamped to the smallest
   normal float so that U = 0 (probability 2^-24 per entry in float32) cannot give -inf. (The same
-  Gumbel(0, 1) as ``-log(E)``, E ~ Exp(1), but torch's ``exponential_`` is ~6x slower on CPU: 2.6 ms
-  for 128 x 1,000 entries, half of a synthetic-benchmark step, against 0.45 ms for rand + two logs.)
+  Gumbel(0, 1) as ``-log(E)``, E ~ Exp(1), but torch's ``exponential_`` is much slower on CPU.)
   Every top-k goes through ``rag_capg.pg.top_k.top_k_indices``: ``torch.topk``'s result, by a faster
   selection kernel on CPU.
 
@@ -146,10 +145,10 @@ def _negligible_log_weight(dtype: torch.dtype) -> float:
     log(smallest normal float), i.e. -67.3 in float32 (2e-29) and -688.4 in float64.
 
     Why drop anything: torch's vectorised CPU exp falls back to a scalar path for inputs near and below
-    log(smallest normal): 100-250x slower per element on our box (-inf: 25x), and a sharp policy (a logit
-    range of a few hundred, as the synthetic benchmark reaches at high learning rates) puts most of the corpus
-    there, turning a 0.05 ms pass into 3-5 ms. And weights that small turn into subnormal numbers in the
-    gradient (weight x incoming gradient), which made the matmul of the backward pass 2.5x slower.
+    log(smallest normal), two orders of magnitude slower per element, and a sharp policy (a logit range of a
+    few hundred, as the synthetic benchmark reaches at high learning rates) puts most of the corpus there.
+    And weights that small turn into subnormal numbers in the gradient (weight x incoming gradient), which
+    slow the matmul of the backward pass (eval/RESULTS.md, "Step time per estimator").
     Why it is safe: such a weight is 50 nats below float32's resolution of any sum that holds the maximum."""
     return math.log(torch.finfo(dtype).tiny) + 20.0
 
@@ -169,7 +168,7 @@ def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or not bool(x.detach().amin() < floor):  # NaN compares false either way
         return x.exp() if x.requires_grad else x.exp_()
     keep = x >= floor
-    # zeroed by a multiply: masked_fill_ is a data-dependent scalar loop here, 0.36 ms against 0.12
+    # zeroed by a multiply: masked_fill_ is a data-dependent scalar loop here
     if x.requires_grad:
         return x.clamp_min(floor).exp() * keep
     return x.clamp_min_(floor).exp_().mul_(keep)
@@ -181,7 +180,7 @@ def _raise_far_below_max(s: torch.Tensor) -> torch.Tensor:
     to log N lower, and neither should meet exp's slow lanes. The raised items weigh < N * 2e-29 of the
     maximum (float32): the normaliser moves by at most N^2 times that, and their gradient, as small, stays
     as small (``_RaiseTo`` passes it through as taken at the raised value, because the backward of
-    ``torch.maximum`` alone costs 0.7 ms at 128 x 1,000). Costs two reductions and one host sync when no
+    ``torch.maximum`` costs more than the whole logsumexp). Costs two reductions and one host sync when no
     row spans that range. CPU only, like ``_exp_or_zero``."""
     if s.device.type != "cpu":
         return s

@@ -6,20 +6,16 @@ On CPU, for float32 / float64 rows, a numba kernel does it in three short passes
    (entries j, j + k, j + 2k, ...) and take each lane's maximum: that is k distinct entries, so at
    least k entries are >= tau = the smallest lane maximum, hence the k-th largest value is >= tau.
    The lane loop is an elementwise max over k contiguous entries at a time, which the compiler
-   vectorises (a running max over contiguous blocks would be a serial reduction, 2.5x slower).
-   (2k lanes and a quickselect for the k-th largest lane maximum leave fewer survivors, ~26 rather
-   than ~68, but measured no faster overall: 0.26 against 0.28 ms at N = 1,000, 0.20 against 0.15 ms
-   at N = 5,183.)
+   vectorises (a running max over contiguous blocks would be a serial reduction).
 2. Collect the entries >= tau (and NaNs, which compare false with everything). For N = 1,000 and k = 20
    about 70 survive.
 3. Insertion-sort the survivors into the k best, in index order, so that equal values keep the earlier
    index first.
 
-At k = 20, N = 1,000 this is about 5x faster than ``torch.topk`` on one core (0.22 ms for 128 rows against
-1.2 ms; the min-heap it replaced took 0.6 ms), and it serves every top-K of a training step (the Gumbel
-top-K sample, the deterministic top-K of CA-PG's approximation). The bound loosens as k grows (lanes get
-shorter, more entries survive, and each insertion shifts up to k entries), so past k = 64 ``torch.topk``
-is used.
+It serves every top-K of a training step (the Gumbel top-K sample, the deterministic top-K of CA-PG's
+approximation); its speed against ``torch.topk`` is in eval/RESULTS.md. The bound loosens as k grows
+(lanes get shorter, more entries survive, and each insertion shifts up to k entries), so past k = 64
+``torch.topk`` is used.
 
 Ties: the earlier index wins, both at the k-th place and in the order of the result (``torch.topk``
 leaves the order of equal values unspecified). Rows holding NaN, other dtypes, other devices, or a
@@ -32,7 +28,7 @@ import torch
 
 __all__ = ["top_k_indices"]
 
-try:  # numba ships with our ranx dependency
+try:  # numba is a dependency; the torch path stands in when it is missing
     import numba
     import numpy as np
 
@@ -65,8 +61,8 @@ if _HAVE_NUMBA:
             for j in range(1, k):
                 tau = lane_max[j] if lane_max[j] < tau else tau
             # 2. the survivors, in index order (NaN < tau is false: NaNs survive). Branch-free: every entry is
-            #    written and only a survivor moves the count (~7% survive: a branch mispredicted on each cost
-            #    0.065 ms of 0.29 at k = 20, 128 x 1,000)
+            #    written and only a survivor moves the count (few survive, so a branch would mispredict on
+            #    each of them)
             count = 0
             for i in range(N):
                 v = x[b, i]

@@ -72,7 +72,7 @@ class SimulateConfig:
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where the ESR and env live"})
     num_threads: int = field(default=1, metadata={"help": "torch intra-op CPU threads (0 = torch's default). "
                                                           "The model is tiny, so 1 is fastest, and on a busy "
-                                                          "machine more threads can be 20x slower"})
+                                                          "machine more threads are much slower"})
     progress: bool = field(default=True, metadata={"help": "show tqdm progress bars"})
 
     def __post_init__(self):
