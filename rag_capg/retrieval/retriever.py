@@ -211,6 +211,39 @@ def freeze_unused_parameters(model: SentenceTransformer, routes: tuple[Route, ..
     return unused
 
 
+def _trained_transformers(model: SentenceTransformer, route: Route | None) -> list[torch.nn.Module]:
+    """The modules holding a transformer (``.model``) that the given route runs (all of them when None)."""
+    mods = list(model.children())
+    if route is not None and mods and isinstance(mods[0], Router):
+        mods = list(mods[0].sub_modules[route])
+    return [m for m in mods if isinstance(getattr(m, "model", None), torch.nn.Module)]
+
+
+def add_lora(model: SentenceTransformer, *, route: Route | None, r: int, alpha: float, dropout: float) -> None:
+    """LoRA (Hu et al., 2021) through peft on every linear layer of the transformer(s) ``route`` runs: the
+    weights are frozen and each linear map W x gets a trainable low-rank update (alpha / r) B A x, B starting
+    at 0, so the model starts as it was. In place; ``shippable`` merges the update back for saving."""
+    from peft import LoraConfig, get_peft_model
+
+    for module in _trained_transformers(model, route):
+        module.model = get_peft_model(module.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                               target_modules="all-linear"))
+
+
+def shippable(model: SentenceTransformer) -> SentenceTransformer:
+    """``model`` as it is saved: with LoRA, a copy whose low-rank updates are merged into the weights (a plain
+    sentence-transformers folder that loads without peft); otherwise the model itself."""
+    from peft import PeftModel
+
+    if not any(isinstance(getattr(m, "model", None), PeftModel) for m in model.modules()):
+        return model
+    merged = copy.deepcopy(model)
+    for module in merged.modules():
+        if isinstance(getattr(module, "model", None), PeftModel):
+            module.model = module.model.merge_and_unload()
+    return merged
+
+
 def make_query_tower_model(base: SentenceTransformer) -> SentenceTransformer:
     """A model whose Router sends queries through a trainable deep copy of ``base`` and documents
     through ``base``'s own modules, frozen (requires_grad False; they are shared, not copied, so

@@ -57,13 +57,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dic
     """Restore ``path`` into the live objects; returns the rest of trainer_state.pt (step, best, ...)."""
     from sentence_transformers import SentenceTransformer
 
-    saved = SentenceTransformer(str(path), device="cpu").state_dict()
-    missing = model.load_state_dict(saved, strict=False)
-    if missing.missing_keys or missing.unexpected_keys:
-        raise InputError(f"checkpoint does not match the model (missing {missing.missing_keys[:3]}, "
-                         f"unexpected {missing.unexpected_keys[:3]}); was it written with another mode?",
-                         file=path, field="resume")
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state.get("trainable") is not None:  # LoRA: the folder is merged; the updates themselves resume
+        params = dict(model.named_parameters())
+        if set(state["trainable"]) - set(params):
+            raise InputError("checkpoint does not match the model (its trainable weights are not this model's); "
+                             "was it written with another mode or lora_r?", file=path, field="resume")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+    else:
+        saved = SentenceTransformer(str(path), device="cpu").state_dict()
+        missing = model.load_state_dict(saved, strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise InputError(f"checkpoint does not match the model (missing {missing.missing_keys[:3]}, "
+                             f"unexpected {missing.unexpected_keys[:3]}); was it written with another mode?",
+                             file=path, field="resume")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]

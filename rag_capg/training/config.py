@@ -72,6 +72,13 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "weight of KL(policy || initial policy) over the corpus softmax, added to the loss per query "
         "(TRL's beta): keeps a few training queries from dragging the whole ranking away (0 = off)")})
 
+    # ---- what trains ------------------------------------------------------------------------------------
+    lora_r: int = field(default=0, metadata={"help": (
+        "LoRA rank (peft) on every linear layer of the trained encoder: far fewer trainable weights, merged "
+        "back into the saved model (0 = train every weight)")})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: the update is (lora_alpha / lora_r) B A"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout on the update's input"})
+
     # ---- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
@@ -128,6 +135,8 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
                      "epochs", "reindex_every", "top_m", "tail_samples", "exact_nodes", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.lora_r < 0 or not 0 <= self.lora_dropout < 1:
+            bad("lora_r" if self.lora_r < 0 else "lora_dropout", "lora_r must be >= 0, lora_dropout in [0, 1)")
         for name in ("max_steps", "save_total_limit", "exact_top_m", "dev_max_queries"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (or null), got {getattr(self, name)}")

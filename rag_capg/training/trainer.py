@@ -38,6 +38,7 @@ from rag_capg.retrieval.data import check_candidate_size
 from rag_capg.retrieval.inputs import as_corpus, as_queries
 from rag_capg.retrieval.retriever import (
     TopMIndex,
+    add_lora,
     embed_with_grad,
     encode_corpus,
     encode_queries,
@@ -45,6 +46,7 @@ from rag_capg.retrieval.retriever import (
     load_encoder,
     make_query_tower_model,
     scores,
+    shippable,
 )
 from rag_capg.training.checkpoints import (
     find_last_checkpoint,
@@ -139,6 +141,9 @@ class CAPGTrainer:
             self.topm = TopMIndex(self.doc_emb.cpu(), similarity=self.similarity)
         self.model = make_query_tower_model(base) if c.mode == "query_tower" else base
         self.model.to(dev)
+        if c.lora_r > 0:
+            add_lora(self.model, route="query" if c.mode == "query_tower" else None, r=c.lora_r, alpha=c.lora_alpha,
+                     dropout=c.lora_dropout)
         self.model.train(c.dropout)
         freeze_unused_parameters(self.model, ("query",) if c.mode == "query_tower" else ("query", "document"))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -339,7 +344,7 @@ class CAPGTrainer:
             if self.best["metric"] is None or metric > self.best["metric"]:
                 self.best = {"metric": metric, "step": self.step, "name": c.metric_for_best, "split": "dev",
                              "labels": self.dev_labels, "queries": len(self.dev_q)}
-                save_best(self.out, self.model, self.best, self.accelerator)
+                save_best(self.out, shippable(self.model), self.best, self.accelerator)
         return None if self.eval_q is None or not eval_split else self.evaluate_split(self.eval_q)
 
     def label_dev_with_judge(self) -> None:
@@ -407,9 +412,12 @@ class CAPGTrainer:
             if self.eval_every and self.step % self.eval_every == 0 and self.step != self.total_steps:
                 self.evaluate()
             if c.save_every and self.step % c.save_every == 0:
-                save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, acc,
+                save_checkpoint(self.out, self.step, shippable(self.model), self.optimizer, self.scheduler, acc,
                                 {"step": self.step, "best": self.best, "index_step": self.index_step,
-                                 "index": self.doc_emb.cpu() if c.mode == "both_towers" else None},
+                                 "index": self.doc_emb.cpu() if c.mode == "both_towers" else None,
+                                 # with LoRA the folder holds merged weights: resume from the updates themselves
+                                 "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters()
+                                               if p.requires_grad} if c.lora_r > 0 else None},
                                 limit=c.save_total_limit)
         bar.close()
         after, selection = self.finish_selection()
@@ -437,10 +445,11 @@ class CAPGTrainer:
         if self.step > 0:  # the loop evaluates every eval_every steps but never at the last one
             self.evaluate(eval_split=False)
         best_step = self.best["step"]
-        if best_step != self.step:  # load the chosen weights back (the index follows in both_towers mode)
+        if best_step != self.step:  # the chosen model, as saved (the index follows in both_towers mode)
             from sentence_transformers import SentenceTransformer
 
-            self.model.load_state_dict(SentenceTransformer(str(self.out / "best"), device="cpu").state_dict())
+            self.accelerator.wait_for_everyone()
+            self.model = SentenceTransformer(str(self.out / "best"), device=str(self.accelerator.device))
             self.index_step = -1
         after = self.evaluate_split(self.eval_q) if self.eval_q is not None else None
         name = c.metric_for_best
@@ -470,7 +479,7 @@ class CAPGTrainer:
 
         if self.accelerator.is_main_process:
             with atomic_dir(self.out / "final") as tmp:
-                self.model.save(str(tmp))
+                shippable(self.model).save(str(tmp))
             write_json(self.out / "run_summary.json", summary)
             shutil.rmtree(self.out / "best", ignore_errors=True)  # it is final/ now: one folder to ship
         self.logger.finish()

@@ -238,3 +238,27 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, tiny_bi_encode
     assert max_diff(weights(Path(ref["output_dir"]) / "final"), weights(out / "final")) == 0.0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # rows past the checkpoint were dropped, not doubled
+
+
+def test_lora_trains_few_weights_ships_a_plain_folder_and_resumes_exactly(tmp_path, tiny_bi_encoder_path,
+                                                                        tiny_beir_dir):
+    common = dict(lora_r=4, lora_alpha=8.0, max_steps=4, save_every=2, eval_split="", group_size=2)
+    ref = config(tmp_path / "ref", tiny_bi_encoder_path, tiny_beir_dir, **common)
+    train(ref)
+    final = Path(ref["output_dir"]) / "final"
+    from sentence_transformers import SentenceTransformer
+
+    tuned, base = SentenceTransformer(str(final)), SentenceTransformer(str(tiny_bi_encoder_path))
+    assert not list(final.rglob("adapter_config.json"))  # merged: loads without peft
+    texts = ["bees make honey", "tides follow the moon"]
+    assert torch.equal(tuned.encode_document(texts, convert_to_tensor=True),
+                       base.encode_document(texts, convert_to_tensor=True))
+    assert not torch.allclose(tuned.encode_query(texts, convert_to_tensor=True),
+                              base.encode_query(texts, convert_to_tensor=True))
+    # a run resumed from the step-2 checkpoint (as after a kill) ends where the uninterrupted run ended
+    import shutil
+
+    resumed = Path(tmp_path / "resumed")
+    shutil.copytree(Path(ref["output_dir"]) / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    train({**ref, "output_dir": str(resumed), "resume": True})
+    assert max_diff(weights(final), weights(resumed / "final")) == 0.0
