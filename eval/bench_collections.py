@@ -109,8 +109,10 @@ def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -
         options = {**(RECIPE if config == "recipe" else {}), **overrides, "estimator": estimator, "seed": seed,
                    "output_dir": str(path.with_suffix("")), "cache_dir": CACHE, "report_to": "none",
                    "progress": False, "save_every": 0}
+        from rag_capg.config_parsing import config_from_dict
+
         names = {f.name for f in fields(CAPGConfig)}
-        args = CAPGConfig(**{k: v for k, v in options.items() if k in names})
+        args = config_from_dict(CAPGConfig, {k: v for k, v in options.items() if k in names})
         record["args"] = asdict(args)
         trainer = CAPGTrainer(model=MODEL, judge="label_oracle", args=args, corpus=corpus, train_dataset=train)
         summary = trainer.train()
@@ -124,8 +126,11 @@ def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -
 
 
 def claim(path: Path) -> bool:
-    """Create the job's file exclusively (a placeholder until the record replaces it)."""
+    """Create the job's file exclusively (a placeholder until the record replaces it). A placeholder older
+    than a day is a job whose process died: it is claimed again."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size <= 2 and time.time() - path.stat().st_mtime > 86400:
+        path.unlink()
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

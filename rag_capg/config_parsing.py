@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from rag_capg.errors import InputError
+from rag_capg.io import read_text
 
 C = TypeVar("C")
 
@@ -206,10 +207,7 @@ def read_recipe(token: str) -> dict[str, Any]:
     if path is None:
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise InputError(f"recipe file not found (recipes shipped with rag-capg: {known})", file=token)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8 text (byte {err.start})", file=token) from None
+    text = read_text(path, what="YAML recipe")  # bad bytes: an InputError naming the line
     try:
         loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

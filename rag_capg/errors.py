@@ -1,4 +1,4 @@
-"""The one error type users see for bad input: it names the file, the line and the field."""
+"""The errors users see as one line: bad input (naming the file, the line and the field) and a failed judge."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ class InputError(ValueError):
         if field is not None:
             where += f"field `{field}`: "
         super().__init__(where + message)
+
+
+class JudgeError(RuntimeError):
+    """A judge raised, timed out or returned something that is not a finite (B, K) score matrix (under
+    ``lsr_on_error=error``). The CLI prints it alone and exits with 1. Re-exported as rag_capg.judges.JudgeError."""

@@ -6,7 +6,8 @@
     rag-capg export RUN_DIR --out DIR                 a sentence-transformers folder (and the Hub)
 
 Each sub-command's module exposes ``main(argv)``; bad input raises ``InputError``, which is printed
-alone (no traceback) with exit status 2.
+alone (no traceback) with exit status 2; a judge that fails under ``lsr_on_error=error`` (a ``JudgeError``)
+is printed the same way with exit status 1.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from rag_capg.errors import InputError
+from rag_capg.errors import InputError, JudgeError
 
 COMMANDS = {
     "simulate": ("rag_capg.simulate.cli", "the paper's synthetic benchmark (method doc section 3)"),
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"rag-capg {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except JudgeError as err:  # lsr_on_error=error: the judge failed; its message names it and the query
+        print(f"rag-capg {argv[0]}: error: {err} (lsr_on_error=skip_query drops and counts such queries "
+              "instead; lsr_timeout bounds a slow judge)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

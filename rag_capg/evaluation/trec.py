@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rag_capg.errors import InputError
 from rag_capg.evaluation.metrics import Run, rank_documents
+from rag_capg.io import read_text_lines
 
 
 def is_trec_file(spec: str) -> bool:
@@ -25,10 +26,10 @@ def read_trec_run(path: str | Path) -> Run:
     The rank column is ignored, as trec_eval ignores it: the order is score descending, ties by doc id.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError("run file not found", file=path)
     run: Run = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in read_text_lines(path, what="TREC run file"):
         if not line.strip():
             continue
         parts = line.split()
@@ -39,6 +40,8 @@ def read_trec_run(path: str | Path) -> Run:
             score = float(parts[4])
         except ValueError:
             raise InputError(f"score {parts[4]!r} is not a number", file=path, line=line_no, field="score") from None
+        if score != score:  # NaN has no place in a ranking: trec_eval's order would be undefined
+            raise InputError("score is NaN", file=path, line=line_no, field="score")
         run.setdefault(parts[0], {})[parts[2]] = score
     if not run:
         raise InputError("empty run file", file=path)

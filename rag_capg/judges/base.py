@@ -1,5 +1,5 @@
-"""What every late-stage ranker (LSR) is: the ``Judge`` protocol, its error, and the two judges that need
-no model (the relevance-label oracle and a wrapped Python callable).
+"""What every late-stage ranker (LSR) is: the ``Judge`` protocol, a call with a timeout, and the two judges
+that need no model (the relevance-label oracle and a wrapped Python callable).
 
 A judge has ``identity: str`` (stable across runs; the score cache's key) and
 ``score(query_ids, queries, passage_ids, passages) -> FloatTensor (B, K)``, queries (B) and passages (B x K).
@@ -9,13 +9,15 @@ the score cache (rag_capg.judges.cache) stores pairs and sends only the pairs it
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
+
+from rag_capg.errors import JudgeError  # defined with InputError; rag_capg.judges re-exports it
 
 
 @runtime_checkable
@@ -26,10 +28,6 @@ class Judge(Protocol):
 
     def score(self, query_ids: list[str], queries: list[str], passage_ids: list[list[str]],
               passages: list[list[str]]) -> torch.Tensor: ...
-
-
-class JudgeError(RuntimeError):
-    """A judge raised, timed out or returned something that is not a finite (B, K) score matrix."""
 
 
 def short_hash(text: str) -> str:
@@ -60,8 +58,8 @@ class LabelOracle:
 
 class CallableJudge:
     """Any fn(query_ids, queries, passage_ids, passages) -> array-like (B, K); ``identity`` is yours
-    to keep stable (it keys the cache). ``timeout`` (seconds) bounds each call (a thread is used; a
-    timed-out call is abandoned, not killed) and raises JudgeError."""
+    to keep stable (it keys the cache). ``timeout`` (seconds) bounds each call and raises JudgeError
+    (see ``call_with_timeout``)."""
 
     def __init__(self, fn: Callable, identity: str, *, timeout: float | None = None):
         self.fn, self.identity, self.timeout = fn, identity, timeout
@@ -69,13 +67,30 @@ class CallableJudge:
     def score(self, query_ids, queries, passage_ids, passages) -> torch.Tensor:
         if self.timeout is None:
             return torch.as_tensor(self.fn(query_ids, queries, passage_ids, passages), dtype=torch.float32)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        out = call_with_timeout(self.fn, (query_ids, queries, passage_ids, passages), self.timeout,
+                                what=f"judge {self.identity!r}")
+        return torch.as_tensor(out, dtype=torch.float32)
+
+
+def call_with_timeout(fn: Callable, args: tuple, timeout: float, *, what: str):
+    """``fn(*args)``, or JudgeError after ``timeout`` seconds.
+
+    Python cannot kill a thread, so a call that overruns is abandoned, still running, in a *daemon* thread:
+    one that never returns costs a thread, not the run, and does not keep the process from exiting (a
+    ThreadPoolExecutor's workers are joined at exit, which turned a hung judge into a hung process)."""
+    result: dict = {}
+
+    def target():
         try:
-            fut = pool.submit(self.fn, query_ids, queries, passage_ids, passages)
-            return torch.as_tensor(fut.result(timeout=self.timeout), dtype=torch.float32)
-        except concurrent.futures.TimeoutError:
-            raise JudgeError(f"judge {self.identity!r} timed out after {self.timeout} s") from None
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            result["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
 
-
+    thread = threading.Thread(target=target, name="rag-capg-judge-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise JudgeError(f"{what} timed out after {timeout} s (lsr_timeout)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

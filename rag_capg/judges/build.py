@@ -89,8 +89,14 @@ def build_judge(args: JudgeArguments, queries=None, corpus=None, *, device: torc
             raise InputError(f"split {split!r} has no labels for the label oracle", field="lsr")
         return LabelOracle(queries.qrels)
     if kind == "cross_encoder":
-        return models.CrossEncoderJudge(resolve_model(args.lsr_model), batch_size=args.lsr_batch_size,
-                                        device=str(device))
+        path = resolve_model(args.lsr_model)
+        check_is_cross_encoder(path)
+        try:
+            return models.CrossEncoderJudge(path, batch_size=args.lsr_batch_size, device=str(device))
+        except (OSError, ValueError) as err:  # unknown Hub id, offline cache miss, broken folder
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"could not load the cross-encoder: {reason}", file=args.lsr_model,
+                             field="lsr_model") from None
     if kind == "llm_judge":
         extra = {"prompt_template": args.lsr_prompt} if args.lsr_prompt else {}
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
@@ -109,8 +115,31 @@ def build_judge(args: JudgeArguments, queries=None, corpus=None, *, device: torc
             fn = getattr(importlib.import_module(module), fn_name)
         except (ImportError, AttributeError) as err:
             raise InputError(f"cannot import {args.lsr_callable!r}: {err}", field="lsr_callable") from None
+        if not callable(fn) or isinstance(fn, type):  # a class would return an instance, not scores
+            what = "class" if isinstance(fn, type) else type(fn).__name__
+            raise InputError(f"{args.lsr_callable!r} is a {what}, not a function (query_ids, queries, "
+                             "passage_ids, passages) -> scores", field="lsr_callable")
         return CallableJudge(fn, identity=f"callable:{args.lsr_callable}")
     raise InputError(f"no judge to build for lsr={kind!r}", field="lsr")
+
+
+def check_is_cross_encoder(name_or_path: str) -> None:
+    """Refuse a model without a classification head as a cross-encoder. sentence-transformers loads a
+    bi-encoder folder as a CrossEncoder by bolting a *randomly initialised* head on it (a warning in the
+    log), and training against that judge's noise runs to the end, reward ~0.5 +- 0.005 whatever the ESR
+    proposes. A bare encoder announces itself in config.json: its architectures are ``BertModel``,
+    ``MPNetModel``..., never ``...ForSequenceClassification``. A config that cannot be read is left to the
+    loader to report."""
+    try:
+        from transformers import AutoConfig
+
+        architectures = AutoConfig.from_pretrained(name_or_path).architectures or []
+    except (OSError, ValueError):
+        return
+    if architectures and all(a.endswith("Model") for a in architectures):
+        raise InputError(f"{name_or_path} is a bare encoder ({', '.join(architectures)}), not a cross-encoder: "
+                         "it has no scoring head, so its scores would be a random head's. Use lsr=bi_encoder for a "
+                         "bi-encoder teacher, or a model with a sequence-classification head", field="lsr_model")
 
 
 def as_judge(judge: Any, queries=None, corpus=None, *, device: torch.device | str = "cpu",

@@ -5,15 +5,22 @@ query is skipped and counted: never a silent zero reward)."""
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from rag_capg.errors import InputError
 from rag_capg.judges.base import CallableJudge, JudgeError
 
 FailurePolicy = Literal["error", "skip_query"]
+
+
+class _Corrupt(Exception):
+    """The file at a ScoreCache's path is not a sound score cache."""
 
 
 class ScoreCache:
@@ -24,8 +31,9 @@ class ScoreCache:
     misses batches fully. A failing call is an error under "error"; under "skip_query" the misses
     are re-sent one query at a time to find the culprits, and a query whose call raises, times out
     or gives a non-finite score is skipped: its row is NaN in score() and True in the mask of
-    score_with_skips(), and stats()["skipped_queries"] counts it. Nothing invalid is ever cached.
-    sqlite in WAL mode lets several training processes share one file.
+    score_with_skips(), and stats()["skipped_queries"] counts it. Nothing invalid is ever cached, and a
+    stored score that is not a finite number is a miss. sqlite in WAL mode lets several training processes
+    share one file; a file that is not a sound cache when opened is moved aside and rebuilt.
     """
 
     def __init__(self, judge, path: str | Path | None, *, on_failure: FailurePolicy = "error",
@@ -33,15 +41,54 @@ class ScoreCache:
         if on_failure not in ("error", "skip_query"):
             raise ValueError(f"on_failure must be 'error' or 'skip_query', got {on_failure!r}")
         self.judge, self.identity, self.on_failure, self.timeout = judge, judge.identity, on_failure, timeout
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60)
-        if path is not None:
-            self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS scores (judge TEXT, qid TEXT, pid TEXT, score REAL, "
-                        "PRIMARY KEY (judge, qid, pid)) WITHOUT ROWID")
-        self.db.commit()
+        self.path = None if path is None else Path(path)
+        self.db = self._open()
         self.hits = self.misses = self.judge_calls = self.skipped_queries = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=60)
+        try:
+            if self.path is not None:
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS scores (judge TEXT, qid TEXT, pid TEXT, score REAL, "
+                       "PRIMARY KEY (judge, qid, pid)) WITHOUT ROWID")
+            db.commit()
+            # A torn or overwritten file opens fine and fails on some later page: read every page now.
+            # (O(file size), about a second per few hundred MB, once per run.)
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+            columns = [row[1] for row in db.execute("PRAGMA table_info(scores)")]
+        except sqlite3.DatabaseError as err:
+            db.close()
+            raise _Corrupt(str(err)) from None
+        if problems != ["ok"] or columns != ["judge", "qid", "pid", "score"]:
+            db.close()
+            raise _Corrupt(problems[0] if problems != ["ok"] else f"unexpected columns {columns}")
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        """Open (or create) the cache; a file that is not a sound score cache is moved aside and rebuilt: it
+        only holds scores the judge can recompute. Named in one line on stderr."""
+        if self.path is None:
+            return self._connect()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        inode = self.path.stat().st_ino if self.path.exists() else None
+        try:
+            return self._connect()
+        except _Corrupt as err:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{os.getpid()}")
+            # Move it only if it is still the file we found (another process may have rebuilt it already).
+            if inode is not None and self.path.exists() and self.path.stat().st_ino == inode:
+                os.replace(self.path, aside)
+                for extra in ("-wal", "-shm"):  # its WAL belongs to it, not to the new file
+                    stale = self.path.with_name(self.path.name + extra)
+                    if stale.exists():
+                        os.replace(stale, aside.with_name(aside.name + extra))
+            print(f"rag-capg: the score cache {self.path} was unreadable ({err}); moved it to {aside.name} and "
+                  "started a new one (its scores are recomputed)", file=sys.stderr, flush=True)
+        try:
+            return self._connect()
+        except _Corrupt as err:
+            raise InputError(f"score cache unreadable ({err}); delete it (it is a cache)", file=self.path) from None
 
     def stats(self) -> dict[str, float]:
         total = self.hits + self.misses
@@ -58,9 +105,16 @@ class ScoreCache:
             raise ValueError("ScoreCache: queries, passage_ids and passages must be B and B x K")
         out = torch.full((b, k), math.nan)
         known: dict[tuple[str, str], float] = {}
-        for q in set(query_ids):
-            for pid, s in self.db.execute("SELECT pid, score FROM scores WHERE judge=? AND qid=?", (self.identity, q)):
-                known[(q, pid)] = s
+        try:
+            for q in set(query_ids):
+                for pid, s in self.db.execute("SELECT pid, score FROM scores WHERE judge=? AND qid=?",
+                                              (self.identity, q)):
+                    # sqlite stores NaN as NULL; a hand-edited file may hold text. Neither is a score: a miss.
+                    if isinstance(s, (int, float)) and math.isfinite(s):
+                        known[(q, pid)] = float(s)
+        except sqlite3.DatabaseError as err:  # damaged after it was opened (by another process, a full disk)
+            raise InputError(f"score cache unreadable ({err}); delete it (it is a cache) and rerun",
+                             file=self.path) from None
         miss: list[tuple[int, int]] = []
         for i, (q, row) in enumerate(zip(query_ids, passage_ids)):
             for j, pid in enumerate(row):

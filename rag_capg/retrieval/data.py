@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from rag_capg.errors import InputError
+from rag_capg.io import read_text_lines
 
 DEMO_PREFIX = "demo:"
 # A row source: (where, line number, row dict or raw value). `where` names the file (or HF config/split).
@@ -101,19 +102,16 @@ def check_candidate_size(k: int, corpus: Corpus, *, field: str = "num_candidates
 # --------------------------------------------------------------------------------------------- row sources
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
-    if not path.is_file():
-        raise InputError("file does not exist", file=path)
-    with open(path, encoding="utf-8-sig", newline=None) as f:  # utf-8-sig: tolerate a BOM
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"corrupt JSON ({e.msg} at column {e.colno})", file=path, line=line_no,
-                                 field="<json>") from None
-            yield str(path), line_no, row
+def _jsonl_rows(path: Path, what: str = "JSONL file") -> Iterator[tuple[str, int, Any]]:
+    for line_no, line in read_text_lines(path, what=what):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"corrupt JSON ({e.msg} at column {e.colno})", file=path, line=line_no,
+                             field="<json>") from None
+        yield str(path), line_no, row
 
 
 def _id_of(row: Any, where: str, line: int) -> str:
@@ -159,20 +157,29 @@ def _read_id_text(rows: Rows, *, with_title: bool) -> tuple[list[str], list[str]
 
 def _qrels_tsv_rows(path: Path) -> Iterator[tuple[str, int, tuple[str, str, str]]]:
     """BEIR qrels: ``query-id<TAB>corpus-id<TAB>score`` with a header; CRLF and extra columns are fine."""
-    if not path.is_file():
-        raise InputError("file does not exist", file=path)
-    with open(path, encoding="utf-8-sig", newline=None) as f:  # newline=None turns \r\n into \n
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t") if "\t" in line else line.split()
-            if line_no == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid", "query"):
-                continue  # header
-            if len(cols) < 3:
-                raise InputError(f"expected 3 tab-separated columns (query-id, corpus-id, score), got "
-                                 f"{len(cols)}", file=path, line=line_no, field="score")
-            yield str(path), line_no, (cols[0].strip(), cols[1].strip(), cols[2].strip())
+    for line_no, line in read_text_lines(path, what="qrels TSV file"):
+        if not line.strip():
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if line_no == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid", "query"):
+            continue  # header
+        if len(cols) < 3:
+            raise InputError(f"expected 3 tab-separated columns (query-id, corpus-id, score), got "
+                             f"{len(cols)}", file=path, line=line_no, field="score")
+        yield str(path), line_no, (cols[0].strip(), cols[1].strip(), cols[2].strip())
+
+
+def parse_grade(score: Any) -> int:
+    """A relevance grade as an integer: "2", 2, "1.0" and 1.0 are fine; "0.5" raises ValueError rather than
+    being truncated to 0 (which would silently drop a judged-relevant pair, and perhaps its query)."""
+    if isinstance(score, bool):
+        raise ValueError(score)
+    if isinstance(score, int):
+        return score
+    value = float(score)  # ValueError / TypeError for text
+    if not value.is_integer():
+        raise ValueError(score)
+    return int(value)
 
 
 def _read_qrels(rows: Rows, query_ids: set[str], corpus: Corpus) -> dict[str, dict[str, int]]:
@@ -180,10 +187,10 @@ def _read_qrels(rows: Rows, query_ids: set[str], corpus: Corpus) -> dict[str, di
     qrels: dict[str, dict[str, int]] = {}
     for where, line, (qid, pid, score) in rows:
         try:
-            grade = int(float(score)) if isinstance(score, str) and "." in score else int(score)
-        except (TypeError, ValueError):
-            raise InputError(f"score must be an integer, got {score!r}", file=where, line=line,
-                             field="score") from None
+            grade = parse_grade(score)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"a relevance grade must be an integer (0, 1, 2, ...), got {score!r}; rescale "
+                             "fractional labels to integers", file=where, line=line, field="score") from None
         if qid not in query_ids:
             raise InputError(f"unknown query id {qid!r} (not in the queries file)", file=where, line=line,
                              field="query-id")
@@ -220,7 +227,11 @@ def _hf_split(dataset: str, config: str, split: str | None = None):
         try:
             loaded = datasets.load_dataset(dataset, config)
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-            raise InputError(f"cannot load config {config!r} with `datasets.load_dataset`: {e}",
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not path.exists():  # a mistyped relative folder looks like a Hub id: say both
+                raise InputError(f"no such folder ({path.absolute()}), and cannot load it as a Hugging Face "
+                                 f"dataset id ({reason})", file=dataset, field="dataset") from None
+            raise InputError(f"cannot load config {config!r} with `datasets.load_dataset`: {reason}",
                              file=dataset) from None
     if isinstance(loaded, datasets.Dataset):
         return f"{dataset}[{config}]", loaded
@@ -279,7 +290,7 @@ def load_corpus(dataset: str, *, corpus_file: str | None = None) -> Corpus:
     (JSONL with ``_id``, ``text``, optional ``title``) when given."""
     if corpus_file is not None:
         path = Path(corpus_file).expanduser()
-        ids, texts, _ = _read_id_text(_jsonl_rows(path), with_title=True)
+        ids, texts, _ = _read_id_text(_jsonl_rows(path, "corpus JSONL file"), with_title=True)
         source = str(path)
     else:
         kind, folder = _resolve(dataset)
@@ -287,7 +298,7 @@ def load_corpus(dataset: str, *, corpus_file: str | None = None) -> Corpus:
             raise InputError("give a dataset or a corpus file", field="dataset")
         if kind == "beir":
             path = folder / "corpus.jsonl"
-            ids, texts, _ = _read_id_text(_jsonl_rows(path), with_title=True)
+            ids, texts, _ = _read_id_text(_jsonl_rows(path, "corpus JSONL file"), with_title=True)
             source = str(path) if not dataset.startswith(DEMO_PREFIX) else dataset
         else:
             where, ds = _hf_split(dataset, "corpus")
@@ -303,21 +314,29 @@ def load_queries(dataset: str, split: str, corpus: Corpus, *, queries_file: str 
     """Queries of ``split`` with their qrels.
 
     Labelled (the default): the queries that have at least one relevant passage in the split's qrels, in
-    queries-file order. ``require_labels=False`` (training with a model LSR): the qrels' queries when the
-    split has qrels, else every query of the queries file with ``{}`` labels.
-    ``queries_file`` / ``qrels_file`` override the dataset's own files.
+    queries-file order. ``require_labels=False`` (training with a model LSR): the queries the split's qrels
+    list, labels or not. Every query of the queries file, with ``{}`` labels, only where no other split could
+    leak into training: the queries come from a ``queries_file`` you gave, or a BEIR folder has no qrels at all
+    (no ``qrels/*.tsv``).
+    A split the dataset lacks is otherwise an InputError naming the splits it has (``train_split=trian`` must
+    not train on the test queries). ``queries_file`` / ``qrels_file`` override the dataset's own files.
     """
     kind, folder = _resolve(dataset)
     # 1. query rows
     if queries_file is not None:
-        q_rows: Rows = _jsonl_rows(Path(queries_file).expanduser())
+        q_where: str | Path = Path(queries_file).expanduser()
+        q_rows: Rows = _jsonl_rows(q_where, "queries JSONL file")
     elif kind == "beir":
-        q_rows = _jsonl_rows(folder / "queries.jsonl")
+        q_where = folder / "queries.jsonl"
+        q_rows = _jsonl_rows(q_where, "queries JSONL file")
     elif kind == "hf":
-        q_rows = _hf_rows(*_hf_split(dataset, "queries"), ("_id", "text"))
+        q_where, q_ds = _hf_split(dataset, "queries")
+        q_rows = _hf_rows(q_where, q_ds, ("_id", "text"))
     else:
         raise InputError("give a dataset or a queries file", field="dataset")
     ids, texts, _ = _read_id_text(q_rows, with_title=False)
+    if not ids:  # said here, before the qrels' first query id is reported as unknown
+        raise InputError("no queries: the file holds no query", file=q_where)
     # 2. qrel rows (None = this split has no labels)
     qrel_rows: Rows | None = None
     qrels_where: str | Path = qrels_file or dataset
@@ -325,17 +344,17 @@ def load_queries(dataset: str, split: str, corpus: Corpus, *, queries_file: str 
         qrel_rows = _qrels_tsv_rows(Path(qrels_file).expanduser())
     elif kind == "beir":
         tsv = folder / "qrels" / f"{split}.tsv"
+        available = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
         if tsv.is_file():
             qrel_rows, qrels_where = _qrels_tsv_rows(tsv), tsv
-        elif require_labels:
-            available = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        elif require_labels or (available and queries_file is None):
             raise InputError(f"split {split!r} does not exist; available: {', '.join(available) or 'none'}",
                              file=folder / "qrels", field="split")
     elif kind == "hf":
         try:
             qrel_rows = _hf_qrels_rows(*_hf_split(dataset, "default", split))
-        except InputError:
-            if require_labels:
+        except InputError:  # without the split's qrels, only queries you gave yourself are trained on
+            if require_labels or queries_file is None:
                 raise
     elif require_labels:
         raise InputError("labels required but no qrels file given", field="qrels_file")

@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -143,15 +144,16 @@ def encode_corpus(model: SentenceTransformer, corpus, *, cache_dir: str | Path |
     rank = accelerator.process_index if accelerator is not None else 0
     is_main = rank == 0
     path = corpus_cache_path(model, corpus, cache_dir, normalize=normalize) if cache_dir is not None else None
-    # Every rank must take the same branch (a lone miss would hang in gather): hit only if all see it.
-    hit = path is not None and path.is_file()
-    if nproc > 1:
+    cached = _read_corpus_cache(path, model, corpus) if path is not None and path.is_file() else None
+    hit = cached is not None
+    if nproc > 1:  # every rank must take the same branch (a lone miss would hang in gather): all or none
         from accelerate.utils import gather_object
+
         hit = all(gather_object([hit]))
     if hit:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["embeddings"].shape[0] == len(corpus) and blob["ids_sha"] == _ids_sha(corpus.ids):
-            return blob["embeddings"]
+        return cached
+    if is_main and cached is None and path is not None and path.is_file():  # damaged: never read it again
+        _move_aside(path)
     if nproc == 1:
         emb = _encode(model, list(corpus.texts), "document", batch_size, normalize, show_progress)
     else:
@@ -169,6 +171,33 @@ def encode_corpus(model: SentenceTransformer, corpus, *, cache_dir: str | Path |
     if accelerator is not None and nproc > 1:
         accelerator.wait_for_everyone()
     return emb
+
+
+def _read_corpus_cache(path: Path, model: SentenceTransformer, corpus) -> torch.Tensor | None:
+    """The cached (N, d) embeddings at ``path`` if they are sound for this corpus and model, else None.
+
+    None for a file of another corpus order (ids_sha) and for one that is damaged: not a torch file, truncated,
+    not the dict encode_corpus writes, the wrong shape or dimension, or holding NaN / inf (which would make
+    every logit NaN). The caller re-encodes; a damaged file is moved aside, never read again."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        emb = blob["embeddings"]
+        dim = model.get_embedding_dimension()
+        sound = (isinstance(emb, torch.Tensor) and emb.is_floating_point() and emb.ndim == 2
+                 and emb.shape[0] == len(corpus) and (not dim or emb.shape[1] == dim)
+                 and bool(torch.isfinite(emb).all()))
+        if sound and blob["ids_sha"] == _ids_sha(corpus.ids):
+            return emb.float()
+    except Exception:  # unpickling a damaged file can raise almost anything: it is simply not a hit
+        pass
+    return None
+
+
+def _move_aside(path: Path) -> None:
+    aside = path.with_name(f"{path.name}.corrupt")
+    os.replace(path, aside)
+    print(f"rag-capg: the corpus-embedding cache {path} was unreadable or did not match the corpus; moved it to "
+          f"{aside.name} and re-encoding", file=sys.stderr, flush=True)
 
 
 def _ids_sha(ids: list[str]) -> str:

@@ -57,7 +57,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dic
     """Restore ``path`` into the live objects; returns the rest of trainer_state.pt (step, best, ...)."""
     from sentence_transformers import SentenceTransformer
 
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
+            raise ValueError("not a rag-capg trainer state")
+    except Exception as err:  # truncated, overwritten: checkpoints are written atomically, so not by a kill
+        raise _damaged(path / "trainer_state.pt", err) from None
     if state.get("trainable") is not None:  # LoRA: the folder is merged; the updates themselves resume
         params = dict(model.named_parameters())
         if set(state["trainable"]) - set(params):
@@ -67,7 +72,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dic
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
     else:
-        saved = SentenceTransformer(str(path), device="cpu").state_dict()
+        try:
+            saved = SentenceTransformer(str(path), device="cpu").state_dict()
+        except Exception as err:  # a damaged or hand-edited model folder: name it, no traceback
+            raise _damaged(path, err) from None
         missing = model.load_state_dict(saved, strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise InputError(f"checkpoint does not match the model (missing {missing.missing_keys[:3]}, "
@@ -85,6 +93,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dic
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     return state
+
+
+def _damaged(path: Path, err: Exception) -> InputError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    folder = path if path.is_dir() else path.parent
+    return InputError(f"damaged checkpoint ({type(err).__name__}: {reason}); delete {folder} and resume=true "
+                      "continues from the checkpoint before it", file=path, field="resume")
 
 
 def save_best(out: Path, model, best: dict, accelerator) -> None:

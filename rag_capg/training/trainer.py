@@ -57,6 +57,7 @@ from rag_capg.training.checkpoints import (
 )
 from rag_capg.training.config import CAPGConfig
 from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, candidate_recall, noise_generator, rollout
+from rag_capg.training.run_folder import RunFolder
 from rag_capg.training.run_logger import RunLogger
 from rag_capg.training.selection import split_dev
 
@@ -105,6 +106,8 @@ class CAPGTrainer:
         self.script_args = dict(script_args or {})
         self.accelerator = Accelerator(mixed_precision=c.mixed_precision, project_dir=str(self.out),
                                        log_with=None if c.report_to == "none" else c.report_to)
+        # writable folders, the lock on output_dir, fresh start / resume / refusal: before anything expensive
+        self.run_folder = RunFolder.open(c, self.accelerator, self.script_args)
         seed_everything(c.seed)
         # 1. data ---------------------------------------------------------------------------------------
         self.corpus = as_corpus(corpus)
@@ -371,7 +374,8 @@ class CAPGTrainer:
     def run_config(self) -> dict:
         """What config.yaml records: the script's options, the hyperparameters, and what was trained on."""
         return {"model": self.base_model_name, "dataset": self.corpus.source, "train_split": self.train_q.split,
-                "eval_split": None if self.eval_q is None else self.eval_q.split, **self.script_args,
+                "eval_split": None if self.eval_q is None else self.eval_q.split,
+                "corpus_fingerprint": self.corpus.fingerprint, **self.script_args,
                 **asdict(self.args), "lsr_identity": self.judge.identity}
 
     def train(self) -> dict:
@@ -379,16 +383,15 @@ class CAPGTrainer:
         c, acc = self.args, self.accelerator
         t0 = time.time()
         resumed_from = None
+        self.run_folder.check_same_run(self.run_config())  # resume: the same run-defining options, or refuse
         if c.resume and (ckpt := find_last_checkpoint(self.out)) is not None:
             state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, acc.scaler)
             self.step, self.best, self.index_step = state["step"], state["best"], state["index_step"]
+            self.run_folder.restore(state)
             if state.get("index") is not None:
                 self.doc_emb = state["index"].to(acc.device)
             resumed_from = str(ckpt)
-        elif (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
-            raise InputError(f"{self.out} already holds checkpoints: pass resume=true to continue that run, "
-                             "or choose another output_dir", field="output_dir")
-        else:  # a fresh run: nothing of an earlier run's choice may leak into this one
+        else:  # from step 0 (a run killed before its first checkpoint too): no earlier choice may leak in
             if acc.is_main_process:
                 for stale in ("best", "best.json", "dev_qrels.json"):
                     path = self.out / stale
@@ -405,6 +408,7 @@ class CAPGTrainer:
                 self.doc_emb, self.index_step = self.encode_index(self.model, cache=False), self.step
             row = self.optimizer_step()
             self.step += 1
+            self.run_folder.note_step(row, c.batch_size)
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == self.total_steps:
                 self.logger.log_train({"step": self.step, "epoch": self.step / self.steps_per_epoch, **row})
@@ -417,7 +421,8 @@ class CAPGTrainer:
                                  "index": self.doc_emb.cpu() if c.mode == "both_towers" else None,
                                  # with LoRA the folder holds merged weights: resume from the updates themselves
                                  "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters()
-                                               if p.requires_grad} if c.lora_r > 0 else None},
+                                               if p.requires_grad} if c.lora_r > 0 else None,
+                                 **self.run_folder.state()},
                                 limit=c.save_total_limit)
         bar.close()
         after, selection = self.finish_selection()
@@ -428,8 +433,10 @@ class CAPGTrainer:
                    "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
                    "wall_time_s": round(time.time() - t0, 1), "resumed_from": resumed_from,
                    "eval_before": before, "eval_after": after, "best": self.best, **selection,
-                   "lsr_cache": {"hits": self.judge.hits, "misses": self.judge.misses}}
+                   "lsr_cache": {"hits": self.judge.hits, "misses": self.judge.misses},
+                   **self.run_folder.summary(self.step)}
         self.save_final(summary)
+        self.run_folder.close()
         if acc.is_main_process and selection.get("message"):
             print(selection["message"], flush=True)
         return summary

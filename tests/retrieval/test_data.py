@@ -96,14 +96,20 @@ def test_plain_jsonl_files_with_and_without_labels(tmp_path):
         load_queries("", "test", corpus, queries_file=str(queries_file))
 
 
-def test_unlabelled_split_of_a_beir_folder(tmp_path):
+def test_unlabelled_training_queries_of_a_beir_folder(tmp_path):
     root = small_beir(tmp_path)
     corpus = load_corpus(str(root))
-    q = load_queries(str(root), "unlabelled", corpus, require_labels=False)
-    assert q.ids == ["q1", "q2", "q3"] and all(v == {} for v in q.qrels.values())
-    # files override the folder's own
+    # A split the folder lacks is refused even without labels: "every query" would include the test split.
+    with pytest.raises(InputError, match="'unlabelled' does not exist; available: test, train"):
+        load_queries(str(root), "unlabelled", corpus, require_labels=False)
+    # A queries file you name is trained on in full (the folder's qrels do not cover it) ...
     other = write_lines(tmp_path / "other.jsonl", ['{"_id": "x", "text": "other query"}'])
     assert load_queries(str(root), "u", corpus, queries_file=str(other), require_labels=False).ids == ["x"]
+    # ... and so is a folder with no qrels at all: there is no other split to leak.
+    for tsv in (root / "qrels").iterdir():
+        tsv.unlink()
+    q = load_queries(str(root), "train", corpus, require_labels=False)
+    assert q.ids == ["q1", "q2", "q3"] and all(v == {} for v in q.qrels.values())
 
 
 def test_demo_dataset_name_resolves(tmp_path, monkeypatch):
