@@ -157,8 +157,13 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path, int | None
         step = lookup([best], "step", "best_step", "global_step")
         step = int(step) if isinstance(step, (int, str)) and str(step).isdigit() else None
         pointer = lookup([best], "path", "checkpoint", "dir")
-        if is_model_dir(run_dir / "best"):
+        if is_model_dir(run_dir / "best"):  # a run still in progress (or from before final/ was the choice)
             path = run_dir / "best"
+        elif best and is_model_dir(run_dir / "final"):  # a finished run ships its choice as final/
+            path = run_dir / "final"
+        elif not best:
+            raise InputError("this run held out no dev queries, so it chose no checkpoint: final/ is its last "
+                             "step (export final, or a step number)", file=run_dir, field="checkpoint")
         elif pointer:
             path = Path(pointer) if Path(pointer).is_absolute() else run_dir / pointer
         elif step is not None:

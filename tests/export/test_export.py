@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -115,10 +116,16 @@ def test_card_parses_as_hub_metadata_with_the_run_numbers(exported, trained_run)
     assert str(trained_run) not in card.text  # local paths appear by their last component only
 
 
-def test_checkpoint_selection(trained_run):
-    best = json.loads((trained_run / "best.json").read_text())
-    path, step, words = resolve_checkpoint(trained_run, "best")
-    assert path == trained_run / "best" and step == best["step"] and f"step {best['step']}" in words
+def test_checkpoint_selection(trained_run, tmp_path):
+    # this run held out no dev queries (12 training queries): it chose nothing, so "best" is refused
+    with pytest.raises(InputError, match="chose no checkpoint"):
+        resolve_checkpoint(trained_run, "best")
+    # a run that chose: final/ is its choice, best.json says which step it was
+    chose = tmp_path / "chose"
+    shutil.copytree(trained_run / "final", chose / "final")
+    (chose / "best.json").write_text(json.dumps({"metric": 0.5, "step": 2, "name": "ndcg@10", "split": "dev"}))
+    path, step, words = resolve_checkpoint(chose, "best")
+    assert path == chose / "final" and step == 2 and "step 2" in words and "ndcg@10" in words
     assert resolve_checkpoint(trained_run, "2")[:2] == (trained_run / "checkpoints" / "step-2", 2)
     assert resolve_checkpoint(trained_run, "step-2")[:2] == (trained_run / "checkpoints" / "step-2", 2)
     assert resolve_checkpoint(trained_run, "final")[:2] == (trained_run / "final", None)
