@@ -91,8 +91,10 @@ def checkpointed_run(tmp_path_factory, tiny_bi_encoder_path, tiny_beir_dir) -> d
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_bi_encoder_path, tiny_beir_dir) -> dict:
-    """A finished run without checkpoints (save_every=0), with best/, written under umask 022."""
-    options = opts(tmp_path_factory.mktemp("finished"), tiny_bi_encoder_path, tiny_beir_dir, eval_split="test")
+    """A finished run without checkpoints (save_every=0) that chose its final/ on dev queries (best.json),
+    written under umask 022."""
+    options = opts(tmp_path_factory.mktemp("finished"), tiny_bi_encoder_path, tiny_beir_dir, eval_split="test",
+                   dev_fraction=0.5, dev_max_queries=None)
     old = os.umask(0o022)
     try:
         train(options)
@@ -231,7 +233,7 @@ def test_04_a_used_folder_is_refused_not_mixed(tmp_path, finished_run):
     assert "resume=true" in str(err.value) and "another output_dir" in str(err.value)
     with pytest.raises(InputError, match="finished run without checkpoints"):
         train({**options, "resume": True})
-    assert (run / "best.json").read_text() == best and (run / "best").is_dir()
+    assert (run / "best.json").read_text() == best and (run / "final").is_dir()
 
 
 # ------------------------------------------------------------------------------------------- 5
@@ -379,7 +381,7 @@ def test_09_atomic_writes_follow_the_umask_or_the_replaced_file(tmp_path):
 
 def test_09_run_outputs_and_caches_are_readable_by_others(finished_run):
     run, cache = Path(finished_run["output_dir"]), Path(finished_run["cache_dir"])
-    folders = [run, run / "final", run / "best"]
+    folders = [run, run / "final"]
     files = [run / n for n in ("config.yaml", "run_summary.json", "metrics.jsonl", "best.json", "curves.png")]
     files += [run / "final" / "modules.json", *(cache / "embeddings").glob("corpus-*.pt")]
     assert len(files) == 7
