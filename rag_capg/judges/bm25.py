@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,15 @@ import torch
 from rag_capg.errors import InputError
 from rag_capg.io import atomic_dir
 from rag_capg.judges.base import short_hash
+
+# PyStemmer's Snowball algorithms (3.x) and bm25s' stop-word lists, by their full names; "none" = off
+Stemmer = Literal["none", "arabic", "armenian", "basque", "catalan", "czech", "danish", "dutch", "dutch_porter",
+                  "english", "esperanto", "estonian", "finnish", "french", "german", "greek", "hindi", "hungarian",
+                  "indonesian", "irish", "italian", "lithuanian", "nepali", "norwegian", "persian", "polish", "porter",
+                  "portuguese", "romanian", "russian", "serbian", "sesotho", "spanish", "swedish", "tamil", "turkish",
+                  "yiddish"]
+Stopwords = Literal["none", "english", "english_plus", "german", "dutch", "french", "spanish", "portuguese",
+                    "italian", "russian", "swedish", "norwegian", "chinese", "turkish", "korean", "danish"]
 
 
 def make_stemmer(name: str | None):

@@ -21,6 +21,7 @@ import torch
 from rag_capg.config_parsing import Options, config_from_dict
 from rag_capg.errors import InputError
 from rag_capg.judges.base import CallableJudge, Judge, LabelOracle
+from rag_capg.judges.bm25 import Stemmer, Stopwords
 from rag_capg.judges.cache import FailurePolicy, ScoreCache
 from rag_capg.judges.ensemble import MemberOptions
 
@@ -65,10 +66,10 @@ class JudgeArguments(JudgeFailureArguments):
         "llm_judge: weight dtype; auto = bfloat16 on a GPU, float32 on a CPU (the yes/no logits are read in "
         "float32 either way)")})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
-    lsr_bm25_stemmer: str = field(default="english", metadata={"help": (
+    lsr_bm25_stemmer: Stemmer = field(default="english", metadata={"help": (
         "bm25: Snowball stemmer language (PyStemmer), or none")})
-    lsr_bm25_stopwords: str = field(default="english", metadata={"help": (
-        "bm25: bm25s stop-word list (english, german, fr, ...), or none")})
+    lsr_bm25_stopwords: Stopwords = field(default="english", metadata={"help": (
+        "bm25: bm25s stop-word list, or none")})
     lsr_bm25_k1: float = field(default=1.5, metadata={"help": "bm25: term-frequency saturation k1"})
     lsr_bm25_b: float = field(default=0.75, metadata={"help": "bm25: document-length normalisation b, in [0, 1]"})
     lsr_members: list[dict] = field(default_factory=list, metadata={"help": (

@@ -78,7 +78,7 @@ def inverse_cloze_queries(corpus: Corpus, num_queries: int, *, seed: int = 0, mi
     if not ids:
         raise InputError(f"no passage of the corpus has two sentences with >= {min_words} words: the inverse cloze "
                          "task has nothing to ask (give queries, or train_queries=corpus_generated with a "
-                         "query_generator)", field="train_queries")
+                         "query_generator_model)", field="train_queries")
     return QuerySet(ids=ids, texts=texts, qrels={q: {} for q in ids}, split=split)
 
 
@@ -113,7 +113,7 @@ def generated_queries(corpus: Corpus, num_queries: int, generator: str, *, seed:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name).eval()
     except (OSError, ValueError) as err:
-        raise InputError(f"could not load the query generator: {err}", field="query_generator") from None
+        raise InputError(f"could not load the query generator: {err}", field="query_generator_model") from None
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -141,5 +141,5 @@ def generated_queries(corpus: Corpus, num_queries: int, generator: str, *, seed:
                 ids.append(f"gen:{corpus.ids[j]}")
                 texts.append(text)
     if not ids:
-        raise InputError("the query generator wrote nothing for any passage", field="query_generator")
+        raise InputError("the query generator wrote nothing for any passage", field="query_generator_model")
     return QuerySet(ids=ids, texts=texts, qrels={q: {} for q in ids}, split=split)

@@ -72,10 +72,10 @@ def test_options_choose_the_source_and_refuse_the_label_oracle(tmp_path):
     assert queries.texts == inverse_cloze_queries(corpus, 3, seed=3).texts
     with pytest.raises(InputError, match="label"):
         args.load_train_queries(corpus, require_labels=True)
-    with pytest.raises(InputError, match="query_generator"):
+    with pytest.raises(InputError, match="query_generator_model"):
         TrainDataArguments(train_queries="corpus_generated")
-    with pytest.raises(InputError, match="query_generator"):
-        TrainDataArguments(query_generator="some/lm")
+    with pytest.raises(InputError, match="query_generator_model"):
+        TrainDataArguments(query_generator_model="some/lm")
 
 
 def test_cli_trains_on_corpus_queries_against_a_bm25_plus_bi_encoder_ensemble(tmp_path, tiny_bi_encoder_path):
