@@ -17,9 +17,11 @@ Map of the package, lower layers first (each imports only from those above it):
                   top_k / poisson_binomial / inclusion_*_cpu (numba kernels)
     retrieval/    data (BEIR, JSONL, HF datasets; Corpus, QuerySet), demo_corpus (the stdlib code-search
                   task), inputs (the data / retriever options; Dataset and dict converters), retriever
-                  (loading, encoding with an on-disk cache, the query-tower model, top-k, FAISS top-M)
+                  (loading, encoding with an on-disk cache, the query-tower model, top-k, FAISS top-M),
+                  synthetic_queries (training queries made from the corpus: inverse cloze, a generator LM)
     judges/       late-stage rankers: base (the Judge protocol, label oracle, callables), models (cross-
-                  encoder, LLM, bi-encoder), cache (ScoreCache), rewards (pick, to_reward), build (options)
+                  encoder, LLM, bi-encoder), bm25 (BM25 over the corpus), ensemble (fused standardised
+                  judges), cache (ScoreCache), rewards (pick, to_reward), build (options)
     evaluation/   metrics (trec_eval via pytrec_eval, significance), trec (run files), evaluate (rag-capg
                   eval: first-stage and two-stage tables), plots
     training/     config (CAPGConfig), rollout (sample -> judge -> pick -> reward), trainer (CAPGTrainer:

@@ -66,7 +66,19 @@ def coerce(value: Any, tp: Any, *, name: str, source: str | None = None) -> Any:
                 value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
             if not isinstance(value, (list, tuple)):
                 value = [value]
+            if item_tp is dict or get_origin(item_tp) is dict:  # a list of mappings: an error names the entry
+                return [coerce(v, item_tp, name=f"{name}[{i}]", source=source) for i, v in enumerate(value)]
             return [coerce(v, item_tp, name=name, source=source) for v in value]
+        if tp is dict or origin is dict:  # a mapping, or its YAML text ("{lsr: bm25, weight: 1.0}")
+            if isinstance(value, str):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError as err:
+                    raise InputError(f"not valid YAML: {getattr(err, 'problem', err)}", file=source,
+                                     field=name) from None
+            if not isinstance(value, dict):
+                raise InputError(f"expected a mapping {{key: value, ...}}, got {value!r}", file=source, field=name)
+            return value
         if tp is bool:
             if isinstance(value, bool):
                 return value

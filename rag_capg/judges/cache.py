@@ -141,7 +141,11 @@ class ScoreCache:
             bad = {i for (i, _), s in got.items() if not math.isfinite(s)}
             if bad and self.on_failure == "error":
                 raise JudgeError(f"judge {self.identity!r} returned NaN/inf for query id(s) "
-                                 f"{sorted({query_ids[i] for i in bad})}")
+                                 f"{sorted({query_ids[i] for i in bad})}. The cache sends only the pairs it "
+                                 "lacks, each as a row of one pair (B' x 1): a judge that normalises within a row "
+                                 "(a z-score or min-max over the row's passages) divides by a zero spread "
+                                 "there and returns NaN. Score each pair on its own (README, 'The callable "
+                                 "contract')")
             skipped[list(bad)] = True
             rows = []
             for (i, j), s in got.items():

