@@ -12,8 +12,9 @@ Collections (read in place from ../shared/data, or built from the Python install
   demo                         code search over the standard library (rag_capg.retrieval.demo_corpus)
 
 Phases, so that nothing is chosen on a test split:
-  dev    a seeded 20% of the (subsampled) train queries is held out as the evaluation set; the run trains on
-         the rest (and the trainer holds out its own dev part of that to choose its checkpoint).
+  dev    a seeded 20% of the train queries is held out as the evaluation set (for a subsample: up to 200
+         train queries outside it); the run trains on the rest (and the trainer holds out its own dev part
+         of that to choose its checkpoint).
   test   the run trains on the whole (subsampled) train split and is evaluated on the test split.
 
 Configs: `recipe` is recipes/scifact_cpu.yaml as shipped before issue 11 (TOP1, tau 0.03, lr 1e-4, 8 epochs
@@ -65,10 +66,15 @@ def load_collection(name: str, phase: str):
     dataset = "demo:stdlib" if base == "demo" else str(DATA / base)
     corpus, splits = load_dataset_splits(dataset, ["train", "test"])
     train, test = splits["train"], splits["test"]
-    if n:
-        train = train.subset(sorted(random.Random(0).sample(range(len(train)), int(n))))
     if base == "demo":
         test = test.head(500)  # recipes/demo.yaml's max_eval_queries
+    if n:
+        chosen = sorted(random.Random(0).sample(range(len(train)), int(n)))
+        if phase == "dev":  # tune on up to 200 train queries the subsample does not hold (not on 20% of it)
+            rest = [i for i in range(len(train)) if i not in set(chosen)]
+            tune = sorted(random.Random(1).sample(rest, min(200, len(rest))))
+            return corpus, train.subset(chosen), train.subset(tune, split="tune")
+        train = train.subset(chosen)
     if phase == "test":
         return corpus, train, test
     order = list(range(len(train)))
