@@ -112,6 +112,9 @@ def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -
     if config == "zeroshot":
         record["per_query"] = per_query(load_encoder(MODEL), corpus, evalq)
     else:
+        import shutil
+
+        shutil.rmtree(path.with_suffix(""), ignore_errors=True)  # a scratch run folder of an interrupted job
         options = {**(RECIPE if config == "recipe" else {}), **overrides, "estimator": estimator, "seed": seed,
                    "output_dir": str(path.with_suffix("")), "cache_dir": CACHE, "report_to": "none",
                    "progress": False, "save_every": 0}
