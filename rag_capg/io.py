@@ -145,6 +145,28 @@ def read_text_lines(path: str | Path, *, what: str = "file") -> Iterator[tuple[i
             yield line_no, text.rstrip("\r\n")
 
 
+def read_log_rows(path: str | Path) -> list[dict]:
+    """The rows of a run log (metrics.jsonl, eval.jsonl): one JSON object per line, each with a "step". A torn
+    last line (a run killed mid-write) is dropped; a bad line anywhere else is an InputError naming it. A
+    missing file has no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [(n, line) for n, line in read_text_lines(path, what="run log") if line.strip()]
+    rows = []
+    for i, (line_no, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break
+            raise InputError(f"not JSON: {err.msg}", file=path, line=line_no) from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise InputError("a row needs a 'step'", file=path, line=line_no, field="step")
+        rows.append(row)
+    return rows
+
+
 def read_text(path: str | Path, *, what: str = "file") -> str:
     """The whole text of a small UTF-8 file, with read_text_lines' errors (which name the line)."""
     return "\n".join(line for _, line in read_text_lines(path, what=what))

@@ -34,3 +34,19 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         (tmp / "w.bin").write_text("v3")
     assert (target / "w.bin").read_text() == "v3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_run_logs_drop_a_torn_last_line_and_name_a_bad_one(tmp_path):
+    from rag_capg.errors import InputError
+    from rag_capg.io import read_log_rows
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')  # killed mid-line
+    assert [r["step"] for r in read_log_rows(log)] == [1, 2]
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(InputError, match=r"metrics.jsonl:2: not JSON"):
+        read_log_rows(log)
+    log.write_text('{"step": 1}\n{"loss": 2}\n')
+    with pytest.raises(InputError, match="step"):
+        read_log_rows(log)
+    assert read_log_rows(tmp_path / "absent.jsonl") == []

@@ -4,11 +4,9 @@ curves (every numeric series of metrics.jsonl and eval.jsonl against the step). 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from rag_capg.errors import InputError
-from rag_capg.io import atomic_path
+from rag_capg.io import atomic_path, read_log_rows
 
 
 def plot_recall_curves(curves: dict[str, list[float]], target: Path, title: str) -> None:
@@ -41,18 +39,7 @@ def plot_training_curves(run_dir: Path, target: Path) -> bool:
 
     series: dict[str, tuple[list, list]] = {}
     for fname, prefix in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
-        path = run_dir / fname
-        if not path.is_file():
-            continue
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"not JSON: {err.msg}", file=path, line=line_no) from None
-            if not isinstance(row, dict) or "step" not in row:
-                raise InputError("a row needs a 'step'", file=path, line=line_no, field="step")
+        for row in read_log_rows(run_dir / fname):
             for key, v in row.items():
                 if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     xs, ys = series.setdefault(f"{prefix} {key}", ([], []))

@@ -29,7 +29,7 @@ import yaml
 from rag_capg.config_parsing import parse_config
 from rag_capg.errors import InputError
 from rag_capg.export.model_card import build_model_card, lookup
-from rag_capg.io import atomic_dir
+from rag_capg.io import atomic_dir, read_log_rows
 
 PROBE_TEXTS = ["why do cats purr?", "Bees turn nectar into honey in the hive.", "a b c",
                "Copper conducts electricity well because its outer electron moves freely."]
@@ -129,20 +129,6 @@ def read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def read_eval_rows(path: Path) -> list[dict]:
-    """eval.jsonl rows; a torn last line (a run killed mid-write) is skipped, not fatal."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
 def resolve_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path, int | None, str]:
     """(model folder, its step or None, a description for the card) of ``final`` / ``best`` / a step."""
     if not run_dir.is_dir():
@@ -184,7 +170,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path, int | None
 def pick_evals(run_dir: Path, summary: dict, config: dict, step: int | None
                ) -> tuple[dict | None, dict | None, str | None]:
     """(metrics before training, metrics of the exported checkpoint, split) from eval.jsonl / run_summary."""
-    rows = read_eval_rows(run_dir / "eval.jsonl")
+    rows = read_log_rows(run_dir / "eval.jsonl")
     splits = [r.get("split") for r in rows if r.get("split")]
     split = config.get("eval_split") if config.get("eval_split") in splits else (
         max(set(splits), key=splits.count) if splits else config.get("eval_split") or None)

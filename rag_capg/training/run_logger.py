@@ -13,20 +13,9 @@ import io
 import json
 from pathlib import Path
 
-from rag_capg.io import atomic_path, write_text
+from rag_capg.io import atomic_path, read_log_rows, write_text
 
 TRAIN_FILES = ("metrics.jsonl", "eval.jsonl")
-
-
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line from a killed run
-                break
-    return rows
 
 
 class RunLogger:
@@ -47,10 +36,10 @@ class RunLogger:
             write_text(self.out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             for name in (*TRAIN_FILES, "metrics.csv"):
                 rows = [] if resumed_at is None or name == "metrics.csv" else \
-                    [r for r in _read_rows(self.out / name) if r.get("step", 0) <= resumed_at]
+                    [r for r in read_log_rows(self.out / name) if r.get("step", 0) <= resumed_at]
                 write_text(self.out / name, "".join(json.dumps(r) + "\n" for r in rows))
             if resumed_at is not None:
-                self._rewrite_csv(_read_rows(self.out / "metrics.jsonl"))
+                self._rewrite_csv(read_log_rows(self.out / "metrics.jsonl"))
         if self.report_to != "none":
             flat = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
             self.acc.init_trackers("tensorboard" if self.report_to == "tensorboard" else "rag-capg", config=flat)
@@ -100,7 +89,7 @@ class RunLogger:
             self.acc.end_training()
 
     def plot(self) -> None:
-        train_rows, eval_rows = _read_rows(self.out / "metrics.jsonl"), _read_rows(self.out / "eval.jsonl")
+        train_rows, eval_rows = read_log_rows(self.out / "metrics.jsonl"), read_log_rows(self.out / "eval.jsonl")
         if not train_rows:
             return
         import matplotlib

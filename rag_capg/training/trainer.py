@@ -475,11 +475,9 @@ class CAPGTrainer:
         return "ndcg@10" if self.args.metric_for_best == "ndcg@10" else f"recall@{self.args.candidates}"
 
     def _dev_rows(self) -> list[dict]:
-        import json
+        from rag_capg.io import read_log_rows
 
-        path = self.out / "eval.jsonl"
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
-        return [r for r in rows if r.get("split") == "dev"]
+        return [r for r in read_log_rows(self.out / "eval.jsonl") if r.get("split") == "dev"]
 
     def save_final(self, summary: dict) -> None:
         from rag_capg.io import atomic_dir, write_json
