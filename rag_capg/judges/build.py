@@ -55,8 +55,8 @@ class JudgeArguments(JudgeFailureArguments):
     lsr_chat_template: bool = field(default=False, metadata={"help": (
         "llm_judge: wrap the prompt in the tokenizer's chat template as one user turn (instruction-tuned LLMs)")})
     lsr_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": (
-        "llm_judge: weight dtype; auto = bfloat16 on a GPU, float32 on a CPU (the yes/no logits are read in "
-        "float32 either way)")})
+        "llm_judge: weight dtype; cross_encoder: autocast dtype. auto = bfloat16 on a GPU, float32 on a CPU (the "
+        "yes/no logits and the cross-encoder's logit are computed in float32 either way)")})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
 
     def check(self) -> None:
@@ -90,11 +90,10 @@ def build_judge(args: JudgeArguments, queries=None, corpus=None, *, device: torc
         return LabelOracle(queries.qrels)
     if kind == "cross_encoder":
         return models.CrossEncoderJudge(resolve_model(args.lsr_model), batch_size=args.lsr_batch_size,
-                                        device=str(device))
+                                        device=str(device), dtype=args.lsr_dtype)
     if kind == "llm_judge":
         extra = {"prompt_template": args.lsr_prompt} if args.lsr_prompt else {}
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[args.lsr_dtype]
+        dtype = models.resolve_dtype(args.lsr_dtype, device)
         return models.LLMJudge(resolve_model(args.lsr_model), batch_size=args.lsr_batch_size, device=str(device),
                                use_chat_template=args.lsr_chat_template, dtype=dtype, **extra)
     if kind == "bi_encoder":
