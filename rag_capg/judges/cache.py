@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +16,36 @@ import torch
 from rag_capg.judges.base import CallableJudge, JudgeError
 
 FailurePolicy = Literal["error", "skip_query"]
+
+
+# Rollback journal, not WAL: WAL needs memory shared by the processes (one host: a cache_dir on a network
+# filesystem shared by several nodes breaks it), and with 8 processes reading and writing all the time its
+# checkpoints never caught up (the WAL reached 85 MiB beside a 19 MiB database; eval/bench_score_cache.py).
+# TRUNCATE empties the journal after each commit rather than deleting it; a writer waits for the others'
+# locks up to the connection's busy timeout.
+JOURNAL_MODE = "TRUNCATE"
+
+
+def set_journal_mode(db: sqlite3.Connection, mode: str, *, wait: float = 10.0) -> str:
+    """Switch ``db`` to journal ``mode``; returns the mode in force. Leaving WAL (a file an older version
+    wrote) needs every other connection closed; while another process still holds the file open that way,
+    retry for ``wait`` seconds, then carry on in the file's mode (WAL still works on one host) with a warning."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            got = db.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            got = None
+        if got is not None and got.lower() == mode.lower():
+            return got.lower()
+        if time.monotonic() > deadline:
+            current = db.execute("PRAGMA journal_mode").fetchone()[0].lower()
+            warnings.warn(f"LSR score cache: could not switch journal_mode {current} -> {mode.lower()} (another "
+                          f"process holds the file open); continuing in {current}", stacklevel=3)
+            return current
+        time.sleep(0.05)
 
 
 class ScoreCache:
@@ -25,7 +57,8 @@ class ScoreCache:
     are re-sent one query at a time to find the culprits, and a query whose call raises, times out
     or gives a non-finite score is skipped: its row is NaN in score() and True in the mask of
     score_with_skips(), and stats()["skipped_queries"] counts it. Nothing invalid is ever cached.
-    sqlite in WAL mode lets several training processes share one file.
+    sqlite with a rollback journal lets several training processes, on one node or several (a cache_dir on
+    a shared filesystem with working POSIX locks), share one file.
     """
 
     def __init__(self, judge, path: str | Path | None, *, on_failure: FailurePolicy = "error",
@@ -37,7 +70,7 @@ class ScoreCache:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60)
         if path is not None:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            set_journal_mode(self.db, JOURNAL_MODE)
         self.db.execute("CREATE TABLE IF NOT EXISTS scores (judge TEXT, qid TEXT, pid TEXT, score REAL, "
                         "PRIMARY KEY (judge, qid, pid)) WITHOUT ROWID")
         self.db.commit()
