@@ -218,16 +218,29 @@ class CAPGTrainer:
 
     def refresh_logits(self, q: torch.Tensor, logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
         """both_towers: re-encode, with gradient, every document the loss touches (the candidates, hence the
-        picks, and the top-K prefix items of CA-PG's inclusion approximation) and scatter their fresh logits
-        into the index logits. The normaliser over the rest of the corpus still uses the (stale) index."""
+        picks, and the top-K prefix items of CA-PG's inclusion approximation) and put their fresh logits into
+        the index logits. The normaliser over the rest of the corpus still uses the (stale) index.
+
+        Each query's row is refreshed at its OWN touched columns only (its G lists and its top K): refreshing
+        it at the columns other queries touched made its gradient depend on which queries share the
+        micro-batch, so two processes (or two accumulation steps) trained another model than one. The
+        passages are encoded once for the micro-batch,
+        ``grad_chunk_size`` at a time (retriever.embed_with_grad), through the unwrapped model: DDP's hooks sit
+        on the parameters, so their gradients are still all-reduced, and a chunk recomputed in backward must
+        not re-enter DDP's forward (it hung)."""
         c = self.args
-        touched = torch.cat([lists.flatten(), deterministic_top_k(logits.detach(), c.candidates).flatten()]).unique()
-        with self.accelerator.autocast():
+        B = logits.shape[0]
+        own = torch.cat([lists.view(B, -1), deterministic_top_k(logits.detach(), c.candidates)], dim=1)
+        touched = own.unique()  # sorted: one encoding per passage of the micro-batch
+        with self.accelerator.autocast():  # at most grad_chunk_size passages' activations held at once
             d = embed_with_grad(self.model, [self.corpus.texts[j] for j in touched.tolist()], route="document",
-                                module=self.train_model)
+                                chunk_size=c.grad_chunk_size)
         fresh = scores(q, d.float(), similarity=self.similarity, tau=c.tau)  # (B, U)
-        self.last_drift = float((fresh.detach() - logits.detach()[:, touched]).abs().mean())
-        return logits.scatter(1, touched.expand(logits.shape[0], -1), fresh)
+        mine = torch.zeros(B, touched.numel(), dtype=torch.bool, device=logits.device)
+        mine.scatter_(1, torch.searchsorted(touched, own), True)  # (B, U): the row's own touched columns
+        stale = logits[:, touched]
+        self.last_drift = float(((fresh.detach() - stale.detach()).abs() * mine).sum() / mine.sum())
+        return logits.scatter(1, touched.expand(B, -1), torch.where(mine, fresh, stale))
 
     def reference_logits(self, query_idx: list[int]) -> torch.Tensor:
         """The initial policy's logits for these queries: cached initial query embeddings against the initial

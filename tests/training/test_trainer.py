@@ -174,6 +174,29 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_bi_encoder_p
     assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
 
 
+def test_both_towers_in_gradient_chunks_trains_like_one_pass(tmp_path, tiny_bi_encoder_path, tiny_beir_dir,
+                                                              monkeypatch):
+    # grad_chunk_size re-encodes the touched passages a few at a time under activation checkpointing: the
+    # same gradients up to round-off (tests/retrieval/test_retriever.py checks the pieces), so the same model.
+    import rag_capg.training.trainer as trainer_module
+
+    seen = []
+    embed = trainer_module.embed_with_grad
+    monkeypatch.setattr(trainer_module, "embed_with_grad",
+                        lambda model, texts, **kw: seen.append((kw["route"], len(texts), kw.get("chunk_size")))
+                        or embed(model, texts, **kw))
+    kw = dict(mode="both_towers", reindex_every=2, eval_split="", group_size=2)
+    a = config(tmp_path / "a", tiny_bi_encoder_path, tiny_beir_dir, **kw)
+    b = config(tmp_path / "b", tiny_bi_encoder_path, tiny_beir_dir, grad_chunk_size=4, **kw)
+    train(a)
+    assert all(chunk is None for _, _, chunk in seen)
+    seen.clear()
+    train(b)
+    documents = [(n, chunk) for route, n, chunk in seen if route == "document"]
+    assert documents and all(chunk == 4 for _, chunk in documents) and max(n for n, _ in documents) > 4
+    assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
+
+
 def _cli(args: list[str], **env) -> list[str]:
     return [sys.executable, "-m", "rag_capg.cli", "train", *args]
 
@@ -210,6 +233,24 @@ def test_two_processes_train_like_one(tmp_path, tiny_bi_encoder_path, tiny_beir_
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run_summary.json").read_text())["num_processes"] == 2
+    assert max_diff(weights(Path(one["output_dir"]) / "final"), weights(tmp_path / "two" / "final")) < 1e-5
+
+
+def test_two_processes_train_like_one_in_both_towers_with_gradient_chunks(tmp_path, tiny_bi_encoder_path,
+                                                                           tiny_beir_dir):
+    # both_towers re-encodes the touched passages with gradient: each query's row is refreshed at its own
+    # passages only (otherwise its gradient depended on the other queries of its micro-batch, and two
+    # processes trained another model), and a checkpointed chunk recomputed in backward must not re-enter
+    # DDP's forward (it hung).
+    opts = dict(max_steps=3, group_size=2, eval_split="", mode="both_towers", reindex_every=2, grad_chunk_size=4)
+    one = config(tmp_path / "one", tiny_bi_encoder_path, tiny_beir_dir, **opts)
+    train(one)
+    args = [f"{k}={v}" for k, v in one.items() if k not in ("output_dir", "cache_dir")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29612",
+           "-m", "rag_capg.cli", "train", *args, f"output_dir={tmp_path / 'two'}", f"cache_dir={tmp_path / 'c2'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_diff(weights(Path(one["output_dir"]) / "final"), weights(tmp_path / "two" / "final")) < 1e-5
 
 
