@@ -197,6 +197,64 @@ def test_both_towers_in_gradient_chunks_trains_like_one_pass(tmp_path, tiny_bi_e
     assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
 
 
+class FP16Accelerator:
+    """The real (CPU) accelerator with a grad scaler, as accelerate sets one up for fp16 on a GPU: a scaled
+    backward, unscale_gradients, clipping on unscaled gradients and optimizer_step_was_skipped."""
+
+    def __init__(self, real, scaler, optimizer):
+        self._real, self.scaler, self._optimizer = real, scaler, optimizer
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def unscale_gradients(self):
+        self.scaler.unscale_(self._optimizer.optimizer)
+
+    def clip_grad_norm_(self, params, max_norm):
+        self.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    @property
+    def optimizer_step_was_skipped(self):
+        return self._optimizer.step_was_skipped
+
+
+def test_fp16_steps_log_unscaled_grad_norms_and_skip_the_scheduler_with_the_optimizer(tmp_path, tiny_bi_encoder_path,
+                                                                                      tiny_beir_dir):
+    # fp16 needs a GPU; its step logic is imitated on CPU with a real torch GradScaler behind accelerate's
+    # optimizer wrapper. max_grad_norm=0: the logged norm must be that of the true gradients (not 1024x), and a
+    # step with inf gradients must leave the weights AND the learning-rate schedule where they were.
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    def make(name):
+        cfg = config(tmp_path / name, tiny_bi_encoder_path, tiny_beir_dir, eval_split="", max_grad_norm=0.0,
+                     warmup_ratio=0.5, max_steps=4)
+        return build_trainer(*config_from_dict(GROUPS, cfg))
+
+    plain, fp16 = make("plain"), make("fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fp16.optimizer = AcceleratedOptimizer(fp16.optimizer.optimizer, device_placement=False, scaler=scaler)
+    fp16.accelerator = FP16Accelerator(fp16.accelerator, scaler, fp16.optimizer)
+    row_plain, row_fp16 = plain.optimizer_step(), fp16.optimizer_step()
+    assert row_fp16["grad_norm"] == pytest.approx(row_plain["grad_norm"], rel=1e-5)
+    assert row_fp16["lr"] == row_plain["lr"] > 0
+    # an overflowing step: inf gradients
+    step = fp16.training_step
+    fp16.training_step = lambda idx: (lambda loss, sums: (loss * float("inf"), sums))(*step(idx))
+    before = {n: p.detach().clone() for n, p in fp16.model.named_parameters() if p.requires_grad}
+    lr_before, epoch_before = fp16.scheduler.get_last_lr()[0], fp16.scheduler.last_epoch
+    fp16.optimizer_step()
+    assert fp16.accelerator.optimizer_step_was_skipped and scaler.get_scale() == 512.0
+    assert all(torch.equal(p, before[n]) for n, p in fp16.model.named_parameters() if p.requires_grad)
+    assert fp16.scheduler.last_epoch == epoch_before and fp16.scheduler.get_last_lr()[0] == lr_before
+    fp16.training_step = step  # and the next good step moves both again
+    fp16.optimizer_step()
+    assert fp16.scheduler.last_epoch == epoch_before + 1
+
+
 def _cli(args: list[str], **env) -> list[str]:
     return [sys.executable, "-m", "rag_capg.cli", "train", *args]
 
