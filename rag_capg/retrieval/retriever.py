@@ -354,10 +354,18 @@ class TopMIndex:
     T = 0 drops the tail (pure truncation, pseudo-logit -inf). eval/bench_topm_bias.py measures it.
     """
 
-    def __init__(self, doc_emb: torch.Tensor, *, similarity: Similarity, factory: str = "Flat"):
+    def __init__(self, doc_emb: torch.Tensor, *, similarity: Similarity, factory: str = "Flat",
+                 search_params: str | None = None):
+        """``factory``: a FAISS index_factory string ("Flat": exact; "IVF1000,Flat": an inverted file, trained
+        here on the corpus); ``search_params``: FAISS ParameterSpace settings such as "nprobe=32". An exact
+        search costs B x N x d per step; eval/bench_large_corpus.py measures both at 10K-1M passages."""
         self.similarity = similarity
         self.doc_emb = F.normalize(doc_emb.float(), dim=-1) if similarity == "cosine" else doc_emb.float()
         self.index = _flat_ip(self.doc_emb, factory)
+        if search_params:
+            import faiss
+
+            faiss.ParameterSpace().set_index_parameters(self.index, search_params)
 
     def __len__(self) -> int:
         return self.doc_emb.shape[0]

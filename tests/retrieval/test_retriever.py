@@ -240,6 +240,20 @@ def test_topm_restricted_logits():
     assert torch.isinf(trunc.logits[:, m]).all()
 
 
+def test_topm_with_an_inverted_file_index_and_its_search_parameters():
+    # A large corpus swaps the exact index for an IVF one; probing every list must give the exact top-M,
+    # probing one list is what search_params sets (and generally misses some).
+    import faiss
+
+    g = torch.Generator().manual_seed(3)
+    d, q = torch.randn(2000, 16, generator=g), torch.randn(5, 16, generator=g)
+    exact = retriever.TopMIndex(d, similarity="cosine").restricted_logits(q, 50, 0, tau=0.1)
+    every = retriever.TopMIndex(d, similarity="cosine", factory="IVF16,Flat", search_params="nprobe=16")
+    assert torch.equal(every.restricted_logits(q, 50, 0, tau=0.1).indices, exact.indices)
+    one = retriever.TopMIndex(d, similarity="cosine", factory="IVF16,Flat", search_params="nprobe=1")
+    assert faiss.extract_index_ivf(one.index).nprobe == 1
+
+
 def test_topm_tail_draws_exclude_top():
     d = torch.eye(10)
     index = retriever.TopMIndex(d, similarity="dot")
