@@ -15,7 +15,8 @@ noise (the judge's scores are cache hits after the warm-up step).
 
 Per configuration: the median step time over --reps repetitions after one warm-up step, and the batched
 search alone. For IVF also recall@M of its top-M against the exact one (random vectors have no cluster
-structure: the hard case for IVF).
+structure: the hard case for IVF). Last, the target line: top_m (IVF) steps at the smallest and largest N
+timed alternately (on a shared machine, load from other jobs then hits both alike).
 
     python eval/bench_large_corpus.py [--sizes 10000 100000 1000000] [--reps 3] [--estimator top1]
 """
@@ -136,6 +137,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_large_"))
     model_path = random_encoder(work / "model")
     print(f"threads={torch.get_num_threads()} estimator={args.estimator} B=32 G=4 K=20 M=1000 tail=256 d={DIM}")
+    kept = {}
     print(f"{'N':>9}  {'full step s':>11}  {'top_m Flat step s':>17}  {'Flat search s':>13}  "
           f"{'top_m IVF step s':>16}  {'IVF search s':>12}  {'IVF recall@M':>12}  {'IVF train s':>11}")
     for n in args.sizes:
@@ -155,8 +157,25 @@ def main() -> None:
         recall = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist())) / exact.size
         print(f"{n:>9}  {t_full:>11.3f}  {t_flat:>17.3f}  {s_flat:>13.4f}  {t_ivf:>16.3f}  {s_ivf:>12.4f}  "
               f"{recall:>12.3f}  {t_train:>11.1f}   (nlist {nlist}, nprobe {args.nprobe})", flush=True)
+        if n in (min(args.sizes), max(args.sizes)):
+            kept[n] = tm
         del tm
         gc.collect()
+    # The target, measured so that load from other jobs hits both sizes alike: top_m (IVF) steps at the
+    # smallest and the largest N, alternating, --reps * 3 of each.
+    small, large = min(args.sizes), max(args.sizes)
+    if small != large:
+        times = {small: [], large: []}
+        for r in range(3 * args.reps + 1):
+            for n in (small, large) if r % 2 else (large, small):
+                kept[n].step = 0
+                t = time.perf_counter()
+                kept[n].optimizer_step()
+                if r:
+                    times[n].append(time.perf_counter() - t)
+        a, b = statistics.median(times[small]), statistics.median(times[large])
+        print(f"top_m (IVF) step, interleaved, median of {len(times[small])}: N={small}: {a:.3f} s, N={large}: "
+              f"{b:.3f} s, ratio {b / a:.2f} (target <= 2)")
 
 
 if __name__ == "__main__":
