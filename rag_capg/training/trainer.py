@@ -224,10 +224,9 @@ class CAPGTrainer:
         Each query's row is refreshed at its OWN touched columns only (its G lists and its top K): refreshing
         it at the columns other queries touched made its gradient depend on which queries share the
         micro-batch, so two processes (or two accumulation steps) trained another model than one. The
-        passages are encoded once for the micro-batch,
-        ``grad_chunk_size`` at a time (retriever.embed_with_grad), through the unwrapped model: DDP's hooks sit
-        on the parameters, so their gradients are still all-reduced, and a chunk recomputed in backward must
-        not re-enter DDP's forward (it hung)."""
+        passages are encoded once for the micro-batch, ``grad_chunk_size`` at a time (retriever.embed_with_grad),
+        through the unwrapped model: DDP's hooks sit on the parameters, so their gradients are still
+        all-reduced, and a chunk recomputed in backward must not re-enter DDP's forward (it hung)."""
         c = self.args
         B = logits.shape[0]
         own = torch.cat([lists.view(B, -1), deterministic_top_k(logits.detach(), c.candidates)], dim=1)
@@ -300,7 +299,7 @@ class CAPGTrainer:
         total = acc.reduce(torch.cat([torch.stack([sums[k] for k in SUMMED]).flatten(), lookups.to(acc.device)]),
                            reduction="sum")
         # the step's one device-to-host copy: the sums and this process's grad norm (the same on every process)
-        *total, grad_norm = torch.cat([total, grad_norm.detach().to(total).reshape(1)]).cpu().tolist()
+        *total, grad_norm = torch.cat([total, torch.as_tensor(grad_norm).detach().to(total).reshape(1)]).cpu().tolist()
         m = {k: (total[2 * i], total[2 * i + 1]) for i, k in enumerate(SUMMED)}
         hits, misses = total[-2], total[-1]
         mean = lambda k: m[k][0] / m[k][1] if m[k][1] else None  # noqa: E731
