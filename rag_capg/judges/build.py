@@ -63,8 +63,8 @@ class JudgeArguments(JudgeFailureArguments):
     lsr_chat_template: bool = field(default=False, metadata={"help": (
         "llm_judge: wrap the prompt in the tokenizer's chat template as one user turn (instruction-tuned LLMs)")})
     lsr_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": (
-        "llm_judge: weight dtype; auto = bfloat16 on a GPU, float32 on a CPU (the yes/no logits are read in "
-        "float32 either way)")})
+        "llm_judge: weight dtype; cross_encoder: autocast dtype. auto = bfloat16 on a GPU, float32 on a CPU (the "
+        "yes/no logits and the cross-encoder's logit are computed in float32 either way)")})
     lsr_batch_size: int = field(default=32, metadata={"help": "pairs per LSR forward pass"})
     lsr_bm25_stemmer: Stemmer = field(default="english", metadata={"help": (
         "bm25: Snowball stemmer language (PyStemmer), or none")})
@@ -166,15 +166,15 @@ def build_judge(args: JudgeArguments, queries=None, corpus=None, *, device: torc
         path = resolve_model(args.lsr_model)
         check_is_cross_encoder(path)
         try:
-            return models.CrossEncoderJudge(path, batch_size=args.lsr_batch_size, device=str(device))
+            return models.CrossEncoderJudge(path, batch_size=args.lsr_batch_size, device=str(device),
+                                            dtype=args.lsr_dtype)
         except (OSError, ValueError) as err:  # unknown Hub id, offline cache miss, broken folder
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise InputError(f"could not load the cross-encoder: {reason}", file=args.lsr_model,
                              field="lsr_model") from None
     if kind == "llm_judge":
         extra = {"prompt_template": args.lsr_prompt} if args.lsr_prompt else {}
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[args.lsr_dtype]
+        dtype = models.resolve_dtype(args.lsr_dtype, device)
         return models.LLMJudge(resolve_model(args.lsr_model), batch_size=args.lsr_batch_size, device=str(device),
                                use_chat_template=args.lsr_chat_template, dtype=dtype, **extra)
     if kind == "bi_encoder":

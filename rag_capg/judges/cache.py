@@ -8,6 +8,8 @@ import math
 import os
 import sqlite3
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +25,36 @@ class _Corrupt(Exception):
     """The file at a ScoreCache's path is not a sound score cache."""
 
 
+# Rollback journal, not WAL: WAL needs memory shared by the processes (one host: a cache_dir on a network
+# filesystem shared by several nodes breaks it), and with 8 processes reading and writing all the time its
+# checkpoints never caught up (the WAL reached 85 MiB beside a 19 MiB database; eval/bench_score_cache.py).
+# TRUNCATE empties the journal after each commit rather than deleting it; a writer waits for the others'
+# locks up to the connection's busy timeout.
+JOURNAL_MODE = "TRUNCATE"
+
+
+def set_journal_mode(db: sqlite3.Connection, mode: str, *, wait: float = 10.0) -> str:
+    """Switch ``db`` to journal ``mode``; returns the mode in force. Leaving WAL (a file an older version
+    wrote) needs every other connection closed; while another process still holds the file open that way,
+    retry for ``wait`` seconds, then carry on in the file's mode (WAL still works on one host) with a warning."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            got = db.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            got = None
+        if got is not None and got.lower() == mode.lower():
+            return got.lower()
+        if time.monotonic() > deadline:
+            current = db.execute("PRAGMA journal_mode").fetchone()[0].lower()
+            warnings.warn(f"LSR score cache: could not switch journal_mode {current} -> {mode.lower()} (another "
+                          f"process holds the file open); continuing in {current}", stacklevel=3)
+            return current
+        time.sleep(0.05)
+
+
 class ScoreCache:
     """On-disk scores of a frozen judge, keyed by (judge identity, query id, passage id), plus the
     failure policy. ``path=None`` keeps the cache in memory (policy only).
@@ -32,8 +64,9 @@ class ScoreCache:
     are re-sent one query at a time to find the culprits, and a query whose call raises, times out
     or gives a non-finite score is skipped: its row is NaN in score() and True in the mask of
     score_with_skips(), and stats()["skipped_queries"] counts it. Nothing invalid is ever cached, and a
-    stored score that is not a finite number is a miss. sqlite in WAL mode lets several training processes
-    share one file; a file that is not a sound cache when opened is moved aside and rebuilt.
+    stored score that is not a finite number is a miss. sqlite with a rollback journal lets several training
+    processes, on one node or several (a cache_dir on a shared filesystem with working POSIX locks), share
+    one file; a file that is not a sound cache when opened is moved aside and rebuilt.
     """
 
     def __init__(self, judge, path: str | Path | None, *, on_failure: FailurePolicy = "error",
@@ -49,7 +82,7 @@ class ScoreCache:
         db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=60)
         try:
             if self.path is not None:
-                db.execute("PRAGMA journal_mode=WAL")
+                set_journal_mode(db, JOURNAL_MODE)
             db.execute("CREATE TABLE IF NOT EXISTS scores (judge TEXT, qid TEXT, pid TEXT, score REAL, "
                        "PRIMARY KEY (judge, qid, pid)) WITHOUT ROWID")
             db.commit()
@@ -79,7 +112,7 @@ class ScoreCache:
             # Move it only if it is still the file we found (another process may have rebuilt it already).
             if inode is not None and self.path.exists() and self.path.stat().st_ino == inode:
                 os.replace(self.path, aside)
-                for extra in ("-wal", "-shm"):  # its WAL belongs to it, not to the new file
+                for extra in ("-wal", "-shm", "-journal"):  # its journal belongs to it, not to the new file
                     stale = self.path.with_name(self.path.name + extra)
                     if stale.exists():
                         os.replace(stale, aside.with_name(aside.name + extra))

@@ -117,23 +117,35 @@ def surrogate_loss(estimator: Estimator, logits: torch.Tensor, lists: torch.Tens
     return -per_query.mean().to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
 
 
-def group_baseline_rewards(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+def group_baseline_rewards(rewards: torch.Tensor, *, min_std: float = 0.01) -> torch.Tensor:
     """Group-normalised advantages shifted to be non-negative, for G candidate lists per query.
 
     rewards (Q, G, L): Q queries, G lists (group) per query, L picked rewards per list. Per query,
-    A = (r - mean) / (std + eps) over the group's G*L rewards (the GRPO-style advantage), then
+    A = (r - mean) / max(std, min_std) over the group's G*L rewards (the GRPO-style advantage), then
     A - min(A) so the worst pick of the group gets 0 and every reward is >= 0, as CA-PG requires.
     The shift keeps the ordering within the group; a group with identical rewards gets all zeros.
     (Subtracting a constant is not an exactly unbiased baseline for the credit-assigned estimators --
     their scores do not have zero mean -- so the shift trades a little bias for scale invariance.)
+
+    ``min_std`` is a floor on the divisor, in reward units. Dividing by the std alone (plus a 1e-6 guard)
+    makes every group's advantages of order 1 however small its spread: a judge whose scores differ by
+    2e-4 across a group of irrelevant candidates (noise, not a preference) gave shifted rewards of ~2, as
+    large as a group with one relevant passage. With the floor, a group whose std is below ``min_std`` keeps
+    its spread on the reward scale ((r - mean) / min_std: that noise gives rewards of ~0.02), and a group
+    spread wider than it is normalised as before. The default, 0.01, suits rewards in [0, 1] (probabilities,
+    cosines mapped by sigmoid) and grades; scale it with rewards of another range. 0 turns the floor off
+    (pure scale invariance; a constant group still gets zeros).
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 3:
         raise ValueError(f"rewards must be a (Q, G, L) tensor, got {tuple(getattr(rewards, 'shape', ()))}")
+    if not min_std >= 0:
+        raise ValueError(f"min_std must be >= 0, got {min_std}")
     flat = rewards.reshape(rewards.shape[0], -1).to(torch.float64 if rewards.dtype == torch.float64
                                                     else torch.float32)
     mean = flat.mean(dim=1, keepdim=True)
     std = flat.std(dim=1, keepdim=True, unbiased=False) if flat.shape[1] > 1 else torch.zeros_like(mean)
-    adv = (flat - mean) / (std + eps)
+    constant = flat.amax(dim=1, keepdim=True) == flat.amin(dim=1, keepdim=True)  # exactly 0, whatever round-off
+    adv = torch.where(constant, 0.0, (flat - mean) / std.clamp_min(min_std).masked_fill(constant, 1.0))
     adv = adv - adv.min(dim=1, keepdim=True).values
     return adv.reshape(rewards.shape)
 

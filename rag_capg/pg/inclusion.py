@@ -244,10 +244,44 @@ def _time_scale(r: torch.Tensor, c: torch.Tensor, r_kth: torch.Tensor, tail_rate
     return torch.where(rho > 0, torch.minimum(alpha, MAX_SERIES_ARG / (2.0 * rho * x_max)), alpha)
 
 
+# float64 elements the torch path may hold in one intermediate of a chunk of rows: 2^22 = 32 MiB
+_EXACT_TORCH_MAX_ELEMENTS = 2 ** 22
+
+
 def _exact_torch(s: torch.Tensor, items: torch.Tensor, k: int, top: torch.Tensor, log_v: torch.Tensor,
                  weights: torch.Tensor, tail: Literal["exact", "linear"] | None) -> torch.Tensor:
     """``inclusion_prob_exact`` in torch ops under autograd (any device), given the top-M indices ``top``
-    (M > K) and the nodes; tail=None when ``top`` holds every item."""
+    (M > K) and the nodes; tail=None when ``top`` holds every item.
+
+    Memory: the exact tail sums p_j(v) over every tail item at every node, a float64 (rows, L, N, nodes)
+    intermediate, and the DP keeps a (K, rows * L * nodes) state per kept item for backward; at B*G = 128
+    rows that was 0.15 GiB saved for backward at N = 5,183 and would be ~120 GiB at N = 1M. Every row is
+    computed on its own (no op mixes rows), so the rows are split into chunks whose largest intermediate
+    holds at most ``_EXACT_TORCH_MAX_ELEMENTS`` elements (at least one row per chunk), and under autograd
+    each chunk is checkpointed (``torch.utils.checkpoint``: its intermediates are recomputed in backward
+    instead of kept), which costs one more forward of this function. Each row's value and gradient are
+    bit for bit those of the row computed alone, and within round-off (~1e-16) of the whole batch in one
+    piece, which itself differs from its rows alone in the last bit (torch's kernels depend on the shape).
+    """
+    rows = items.shape[0]
+    per_row = items.shape[1] * log_v.shape[0] * ((s.shape[1] if tail == "exact" else 0) + top.shape[1] * k)
+    chunk = max(1, _EXACT_TORCH_MAX_ELEMENTS // max(per_row, 1))
+    if chunk >= rows:
+        return _exact_torch_rows(s, items, k, top, log_v, weights, tail)
+    from torch.utils.checkpoint import checkpoint
+
+    grad = torch.is_grad_enabled() and s.requires_grad
+    out = []
+    for r0 in range(0, rows, chunk):
+        args = (s[r0:r0 + chunk], items[r0:r0 + chunk], k, top[r0:r0 + chunk], log_v, weights, tail)
+        out.append(checkpoint(_exact_torch_rows, *args, use_reentrant=False, preserve_rng_state=False)
+                   if grad else _exact_torch_rows(*args))
+    return torch.cat(out)
+
+
+def _exact_torch_rows(s: torch.Tensor, items: torch.Tensor, k: int, top: torch.Tensor, log_v: torch.Tensor,
+                      weights: torch.Tensor, tail: Literal["exact", "linear"] | None) -> torch.Tensor:
+    """``_exact_torch`` on one chunk of rows."""
     s_a = s.gather(1, items)  # (B, L)
     s_top = s.gather(1, top)  # (B, M), descending
     is_a = top[:, None, :] == items[:, :, None]  # (B, L, M): a's own slot, which stays empty

@@ -211,15 +211,41 @@ def encode_queries(model: SentenceTransformer, texts: list[str], *, batch_size: 
 
 
 def embed_with_grad(model: SentenceTransformer, texts: list[str], *, route: Route,
-                    module: torch.nn.Module | None = None) -> torch.Tensor:
+                    module: torch.nn.Module | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """(B, d) sentence embeddings with autograd, on the model's device (training).
 
     Same pipeline as encode_query / encode_document (prompt, preprocess, forward) minus
     inference_mode, so in eval mode the values equal theirs; ``task=route`` makes a Router run
     the matching tower. Dropout follows model.train() / model.eval(), which the caller sets.
     ``module`` runs the forward instead of ``model`` itself: its DDP wrapper under several processes.
+
+    ``chunk_size``: encode at most that many texts at once, each chunk under activation checkpointing
+    (``torch.utils.checkpoint``, non-reentrant: the chunk's activations are not kept but recomputed, one
+    chunk at a time, in backward; autocast and the RNG state, hence dropout masks, are replayed). Memory then
+    holds one chunk's activations instead of all B texts', for one more forward of the encoder. None, or
+    B <= chunk_size, is the plain single pass (the same computation, bit for bit); several chunks agree with
+    it to round-off (padding to each chunk's own longest text changes the matmul shapes only).
     """
-    features = model.preprocess(list(texts), prompt=_route_prompt(model, route), task=route)
+    texts = list(texts)
+    if chunk_size is None or len(texts) <= chunk_size:
+        return _forward_embed(model, texts, route, module)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = []
+    for i in range(0, len(texts), chunk_size):
+        features = model.preprocess(texts[i:i + chunk_size], prompt=_route_prompt(model, route), task=route)
+        features = batch_to_device(features, model.device)
+        keys = list(features)
+
+        def run(*values, keys=keys):  # the tensors as arguments: checkpoint stashes the RNG of their device
+            return (module or model)(dict(zip(keys, values)), task=route)["sentence_embedding"]
+
+        parts.append(checkpoint(run, *features.values(), use_reentrant=False))
+    return torch.cat(parts)
+
+
+def _forward_embed(model: SentenceTransformer, texts: list[str], route: Route, module) -> torch.Tensor:
+    features = model.preprocess(texts, prompt=_route_prompt(model, route), task=route)
     features = batch_to_device(features, model.device)
     return (module or model)(features, task=route)["sentence_embedding"]
 
@@ -390,10 +416,18 @@ class TopMIndex:
     T = 0 drops the tail (pure truncation, pseudo-logit -inf). eval/bench_topm_bias.py measures it.
     """
 
-    def __init__(self, doc_emb: torch.Tensor, *, similarity: Similarity, factory: str = "Flat"):
+    def __init__(self, doc_emb: torch.Tensor, *, similarity: Similarity, factory: str = "Flat",
+                 search_params: str | None = None):
+        """``factory``: a FAISS index_factory string ("Flat": exact; "IVF1000,Flat": an inverted file, trained
+        here on the corpus); ``search_params``: FAISS ParameterSpace settings such as "nprobe=32". An exact
+        search costs B x N x d per step; eval/bench_large_corpus.py measures both at 10K-1M passages."""
         self.similarity = similarity
         self.doc_emb = F.normalize(doc_emb.float(), dim=-1) if similarity == "cosine" else doc_emb.float()
         self.index = _flat_ip(self.doc_emb, factory)
+        if search_params:
+            import faiss
+
+            faiss.ParameterSpace().set_index_parameters(self.index, search_params)
 
     def __len__(self) -> int:
         return self.doc_emb.shape[0]

@@ -43,6 +43,11 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "(exact logits, no re-indexing); both_towers: train the shared encoder and re-index every "
         "reindex_every steps")})
     reindex_every: int = field(default=100, metadata={"help": "both_towers: re-encode the corpus every R steps"})
+    grad_chunk_size: int | None = field(default=None, metadata={"help": (
+        "both_towers: re-encode the passages the loss touches (B*G*K candidates + B*K top items per step) "
+        "at most this many at a time, each chunk's activations recomputed in backward (activation "
+        "checkpointing; one more encoder forward) rather than kept; null = all at once (on SciFact the GPU "
+        "recipe's B=32, G=4, K=20 touch ~1,550-1,850 passages a step)")})
     softmax: Literal["full", "top_m"] = field(default="full", metadata={"help": (
         "full: normalise over the whole corpus; top_m: policy over the top-M items of the index plus a "
         "sampled estimate of the tail mass (large corpora; biased, see the benchmark)")})
@@ -137,7 +142,8 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.lora_r < 0 or not 0 <= self.lora_dropout < 1:
             bad("lora_r" if self.lora_r < 0 else "lora_dropout", "lora_r must be >= 0, lora_dropout in [0, 1)")
-        for name in ("max_steps", "save_total_limit", "exact_top_m", "dev_max_queries"):
+        for name in ("max_steps", "save_total_limit", "exact_top_m", "dev_max_queries",
+                     "grad_chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, f"must be >= 1 (or null), got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):

@@ -233,16 +233,28 @@ class CAPGTrainer:
 
     def refresh_logits(self, q: torch.Tensor, logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
         """both_towers: re-encode, with gradient, every document the loss touches (the candidates, hence the
-        picks, and the top-K prefix items of CA-PG's inclusion approximation) and scatter their fresh logits
-        into the index logits. The normaliser over the rest of the corpus still uses the (stale) index."""
+        picks, and the top-K prefix items of CA-PG's inclusion approximation) and put their fresh logits into
+        the index logits. The normaliser over the rest of the corpus still uses the (stale) index.
+
+        Each query's row is refreshed at its OWN touched columns only (its G lists and its top K): refreshing
+        it at the columns other queries touched made its gradient depend on which queries share the
+        micro-batch, so two processes (or two accumulation steps) trained another model than one. The
+        passages are encoded once for the micro-batch, ``grad_chunk_size`` at a time (retriever.embed_with_grad),
+        through the unwrapped model: DDP's hooks sit on the parameters, so their gradients are still
+        all-reduced, and a chunk recomputed in backward must not re-enter DDP's forward (it hung)."""
         c = self.args
-        touched = torch.cat([lists.flatten(), deterministic_top_k(logits.detach(), c.candidates).flatten()]).unique()
-        with self.accelerator.autocast():
+        B = logits.shape[0]
+        own = torch.cat([lists.view(B, -1), deterministic_top_k(logits.detach(), c.candidates)], dim=1)
+        touched = own.unique()  # sorted: one encoding per passage of the micro-batch
+        with self.accelerator.autocast():  # at most grad_chunk_size passages' activations held at once
             d = embed_with_grad(self.model, [self.corpus.texts[j] for j in touched.tolist()], route="document",
-                                module=self.train_model)
+                                chunk_size=c.grad_chunk_size)
         fresh = scores(q, d.float(), similarity=self.similarity, tau=c.tau)  # (B, U)
-        self.last_drift = float((fresh.detach() - logits.detach()[:, touched]).abs().mean())
-        return logits.scatter(1, touched.expand(logits.shape[0], -1), fresh)
+        mine = torch.zeros(B, touched.numel(), dtype=torch.bool, device=logits.device)
+        mine.scatter_(1, torch.searchsorted(touched, own), True)  # (B, U): the row's own touched columns
+        stale = logits[:, touched]
+        self.last_drift = float(((fresh.detach() - stale.detach()).abs() * mine).sum() / mine.sum())
+        return logits.scatter(1, touched.expand(B, -1), torch.where(mine, fresh, stale))
 
     def reference_logits(self, query_idx: list[int]) -> torch.Tensor:
         """The initial policy's logits for these queries: cached initial query embeddings against the initial
@@ -253,13 +265,15 @@ class CAPGTrainer:
         return scores(q0, self.ref_doc_emb, similarity=self.similarity, tau=self.args.tau)
 
     def step_sums(self, query_idx, ro: Rollout, logits, loss, kl) -> dict[str, torch.Tensor]:
-        """(sum, count) per logged quantity, as tensors: no host sync until the one reduce per step."""
+        """(sum, count) per logged quantity, as float64 tensors on the device: no host sync until the one
+        reduce per step (the judge's rewards live on the host: copying them to the device does not wait)."""
         B, G, L = len(query_idx), self.args.group_size, self.args.num_picks
+        dev = self.accelerator.device
         kept = ro.raw_rewards.view(B, G, L)[ro.kept]  # (B', G, L)
         flat = kept.flatten(1)
         n_kept = float(kept.shape[0])
-        t = lambda x, n: torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu(),  # noqa: E731
-                                      torch.tensor(float(n), dtype=torch.float64)])
+        t = lambda x, n: torch.stack([torch.as_tensor(x, dtype=torch.float64).to(dev),  # noqa: E731
+                                      torch.tensor(float(n), dtype=torch.float64, device=dev)])
         return {"loss": t(loss.detach().double() * B, B), "kl": t(kl.detach().double().sum(), B),
                 "reward": t(kept.double().sum(), kept.numel()),
                 "reward_sq": t((kept.double() ** 2).sum(), kept.numel()),
@@ -275,7 +289,7 @@ class CAPGTrainer:
         per_proc = c.batch_size // acc.num_processes
         local = batch[acc.process_index * per_proc:(acc.process_index + 1) * per_proc]
         micro = per_proc // c.gradient_accumulation_steps
-        sums = {k: torch.zeros(2, dtype=torch.float64) for k in SUMMED}
+        sums = {k: torch.zeros(2, dtype=torch.float64, device=acc.device) for k in SUMMED}
         hits0, misses0 = self.judge.hits, self.judge.misses
         for a in range(c.gradient_accumulation_steps):
             # DDP all-reduces gradients on the last micro-batch only
@@ -286,19 +300,21 @@ class CAPGTrainer:
                 acc.backward(loss / c.gradient_accumulation_steps)
             for k, v in s.items():
                 sums[k] += v
-        if c.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(self.params, c.max_grad_norm))
+        if c.max_grad_norm > 0:  # a tensor: read with the step's one reduce below, not here (no sync)
+            grad_norm = acc.clip_grad_norm_(self.params, c.max_grad_norm)
         else:  # the norm of the true (unscaled, under fp16) gradients, clipping nothing
             acc.unscale_gradients()
             grads = [p.grad.norm() for p in self.params if p.grad is not None]
-            grad_norm = float(torch.norm(torch.stack(grads))) if grads else 0.0
+            grad_norm = torch.norm(torch.stack(grads)) if grads else torch.zeros(())
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16: the scaler skips a step with inf/NaN gradients
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         lookups = torch.tensor([self.judge.hits - hits0, self.judge.misses - misses0], dtype=torch.float64)
-        total = acc.reduce(torch.cat([torch.stack([sums[k] for k in SUMMED]).flatten(), lookups]).to(acc.device),
-                           reduction="sum").cpu().tolist()
+        total = acc.reduce(torch.cat([torch.stack([sums[k] for k in SUMMED]).flatten(), lookups.to(acc.device)]),
+                           reduction="sum")
+        # the step's one device-to-host copy: the sums and this process's grad norm (the same on every process)
+        *total, grad_norm = torch.cat([total, torch.as_tensor(grad_norm).detach().to(total).reshape(1)]).cpu().tolist()
         m = {k: (total[2 * i], total[2 * i + 1]) for i, k in enumerate(SUMMED)}
         hits, misses = total[-2], total[-1]
         mean = lambda k: m[k][0] / m[k][1] if m[k][1] else None  # noqa: E731

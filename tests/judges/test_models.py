@@ -31,6 +31,28 @@ def test_cross_encoder_judge_equals_predict_with_sigmoid(tiny_cross_encoder_path
     assert judge.identity == judges.CrossEncoderJudge(tiny_cross_encoder_path).identity
 
 
+def test_cross_encoder_judge_dtype_autocasts_the_encoder_and_keeps_the_logit_in_float32(tiny_cross_encoder_path):
+    # "auto" on a CPU is float32 (same scores, same cache identity as before); bfloat16 runs the encoder's
+    # linear layers in bf16 under autocast and the classifier in float32 (no 16-bit rounding of the score).
+    full = judges.CrossEncoderJudge(tiny_cross_encoder_path)
+    assert full.dtype == torch.float32 and full.identity == judges.CrossEncoderJudge(
+        tiny_cross_encoder_path, dtype="float32").identity
+    half = judges.CrossEncoderJudge(tiny_cross_encoder_path, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.identity != full.identity
+    seen = {}
+
+    def record(name):
+        return lambda module, args, out: seen.setdefault(name, out.dtype) and None
+
+    for name, module in half.model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(record(name))
+    got, ref = half.score(QIDS, QUERIES, PIDS, PASSAGES), full.score(QIDS, QUERIES, PIDS, PASSAGES)
+    assert seen.pop(max(seen, key=lambda n: "classifier" in n)) == torch.float32  # the logits layer
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen.values())  # the encoder's layers
+    assert torch.allclose(got, ref, atol=2e-2) and not torch.equal(got, ref)
+
+
 def test_llm_judge_manual_and_batch_invariant(tiny_causal_lm_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,6 +103,116 @@ def test_llm_judge_chat_template_and_dtype(tiny_causal_lm_path, tmp_path):
     assert half.model.dtype == torch.bfloat16 and half.identity != full.identity
     assert torch.allclose(half.score(QIDS, QUERIES, PIDS, PASSAGES), full.score(QIDS, QUERIES, PIDS, PASSAGES),
                           atol=0.05)
+
+
+def _scaled_lm(src, out, factor: float):
+    """The tiny LM with its head scaled so that the yes/no logits sit around 10-30, where bf16 is coarse."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, out)
+    lm = AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(factor)
+    lm.save_pretrained(out)
+    return out
+
+
+def test_llm_judge_reads_yes_and_no_in_float32_not_rounded_bf16_logits(tiny_causal_lm_path, tmp_path):
+    # bf16 weights: the reference is the same bf16 model's final hidden state times the yes/no rows of its
+    # head in float64. The model's own bf16 logits (what was read before) are rounded to steps of 0.125 at
+    # 16-32, so their log-odds are multiples of 1/8 and P(yes) is off by up to a few percent.
+    from transformers import AutoModelForCausalLM
+
+    path = _scaled_lm(tiny_causal_lm_path, tmp_path / "lm", 400.0)
+    judge = judges.LLMJudge(path, dtype=torch.bfloat16, batch_size=4)
+    got = judge.score(QIDS, QUERIES, PIDS, PASSAGES).reshape(-1)
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    head = lm.get_output_embeddings().weight.detach().double()
+    yes, no = judge.yes_ids[0], judge.no_ids[0]
+    ref, old = [], []
+    for q, row in zip(QUERIES, PASSAGES):
+        for passage in row:
+            ids = torch.tensor([judge.prompt_ids(q, passage)])
+            with torch.no_grad():
+                h = lm.model(input_ids=ids).last_hidden_state[0, -1].double()
+                own = lm(input_ids=ids).logits[0, -1]
+            ref.append(torch.sigmoid(h @ head[yes] - h @ head[no]))
+            old.append(torch.sigmoid(own[yes].float() - own[no].float()))
+            assert float(own[yes].float().abs()) > 8  # the regime where bf16 steps are >= 1/16
+            assert float(((own[yes].float() - own[no].float()) * 16).frac().abs()) == 0.0  # the old log-odds grid
+    ref, old = torch.stack(ref).float(), torch.stack(old)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert float((old - ref).abs().max()) > 10 * float((got - ref).abs().max())
+
+
+def test_llm_judge_follows_a_soft_capped_head(tmp_path):
+    # Gemma-style heads soft-cap their logits (cap * tanh(z / cap)); the float32 rows must do the same.
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from tests.conftest import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0,
+                       pad_token_id=tok.pad_token_id, bos_token_id=None)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(300.0)  # logits far past the cap
+    model.save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the probe must accept the capped head
+        judge = judges.LLMJudge(tmp_path / "gemma", batch_size=2)
+    got = judge.score(QIDS, QUERIES, PIDS, PASSAGES)
+    text = judge.prompt_ids(QUERIES[0], PASSAGES[0][1])
+    with torch.no_grad():
+        logits = judge.model(input_ids=torch.tensor([text])).logits[0, -1]
+    assert float(logits.abs().max()) <= 2.0 + 1e-5  # capped by the model itself
+    expected = torch.sigmoid(logits[judge.yes_ids[0]] - logits[judge.no_ids[0]])
+    assert math.isclose(float(got[0, 1]), float(expected), abs_tol=1e-6)
+
+
+def test_llm_judge_falls_back_to_the_model_logits_when_the_head_is_not_plain(tiny_causal_lm_path):
+    judge = judges.LLMJudge(tiny_causal_lm_path)
+    judge.model.config.final_logit_softcapping = 1e-3  # a transform this Llama does not apply: the probe sees it
+    with pytest.warns(UserWarning, match="own logits"):
+        assert judge._yes_no_head() is None
+    judge._head = None
+    reference = judges.LLMJudge(tiny_causal_lm_path)
+    torch.testing.assert_close(judge.score(QIDS, QUERIES, PIDS, PASSAGES),
+                               reference.score(QIDS, QUERIES, PIDS, PASSAGES), atol=1e-6, rtol=0)
+
+
+def test_llm_judge_tokenises_once_sorts_batches_and_builds_no_cache(tiny_causal_lm_path, monkeypatch):
+    judge = judges.LLMJudge(tiny_causal_lm_path, batch_size=2)
+    expected = judges.LLMJudge(tiny_causal_lm_path, batch_size=1).score(QIDS, QUERIES, PIDS, PASSAGES)
+    calls, texts = [], []
+    forward = type(judge.tokenizer).__call__
+    monkeypatch.setattr(type(judge.tokenizer), "__call__",
+                        lambda self, t, **kw: texts.append(t) or forward(self, t, **kw))
+    judge.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["use_cache"], kwargs["attention_mask"].sum(1).tolist())),
+        with_kwargs=True)
+    got = judge.score(QIDS, QUERIES, PIDS, PASSAGES)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)  # the caller's order, whatever the batches
+    assert len(texts) == 1 and len(texts[0]) == 6  # one batched tokenizer call for the six pairs
+    assert all(use_cache is False for use_cache, _ in calls)
+    lengths = [n for _, batch in calls for n in batch]
+    assert lengths == sorted(lengths, reverse=True) and len(calls) == 3  # batches of similar lengths
+
+
+def test_llm_judge_cuts_the_passage_as_retokenising_would(tiny_causal_lm_path):
+    # The fast path drops passage tokens of the one tokenisation; the slow path re-tokenises the prompt
+    # around the cut passage (what every pair used to cost: up to four tokenisations). Same ids here.
+    judge = judges.LLMJudge(tiny_causal_lm_path, max_length=40)
+    for passage in ["word " * 200, "cats purr when content. " * 9, "x" * 500]:
+        ids = judge.prompt_ids(QUERIES[0], passage)
+        assert len(ids) <= 40 and ids == judge._cut_slow(QUERIES[0], passage)[-39:]
 
 
 def test_label_oracle_grades():

@@ -179,15 +179,35 @@ def test_group_baseline_rewards_are_non_negative_order_preserving_and_zero_for_c
         if q != 2:
             order = flat_in[q].argsort()
             assert (flat_out[q][order].diff() > 0).all()
-    # invariant to an affine change of the reward scale (a > 0); eps=0 (no constant group in this subset)
+    # invariant to an affine change of the reward scale (a > 0) without the std floor
     varied = rewards[[0, 1, 3, 4]]
-    torch.testing.assert_close(group_baseline_rewards(4.0 * varied + 9.0, eps=0.0),
-                               group_baseline_rewards(varied, eps=0.0), atol=1e-9, rtol=0)
+    torch.testing.assert_close(group_baseline_rewards(4.0 * varied + 9.0, min_std=0.0),
+                               group_baseline_rewards(varied, min_std=0.0), atol=1e-9, rtol=0)
     # closed form for a two-reward group: mean 0.5, std 0.5, advantages -1 and +1, shifted to 0 and 2
-    torch.testing.assert_close(group_baseline_rewards(torch.tensor([[[0.0], [1.0]]], dtype=torch.float64), eps=0.0),
+    torch.testing.assert_close(group_baseline_rewards(torch.tensor([[[0.0], [1.0]]], dtype=torch.float64)),
                                torch.tensor([[[0.0], [2.0]]], dtype=torch.float64), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match=r"\(Q, G, L\)"):
         group_baseline_rewards(torch.zeros(3, 4))
+
+
+def test_group_baseline_does_not_blow_judge_noise_up_to_full_rewards():
+    # Four lists of irrelevant passages whose judge scores differ by ~2e-4 (cross-encoder noise), and a
+    # group with one relevant pick. Dividing by the std alone made the noise group's rewards as large as
+    # the real preference's (~2); the floor keeps it on the reward scale: (r - mean) / min_std.
+    noise = torch.tensor([0.3120, 0.3122, 0.3119, 0.3121], dtype=torch.float64)
+    real = torch.tensor([0.05, 0.91, 0.04, 0.06], dtype=torch.float64)
+    rewards = torch.stack([noise, real])[:, :, None]  # (Q=2, G=4, L=1)
+    unfloored = group_baseline_rewards(rewards, min_std=1e-6)  # the old std + 1e-6
+    assert float(unfloored[0].max()) > 1.0  # the bug: noise became a reward of order 1
+    out = group_baseline_rewards(rewards)  # min_std = 0.01
+    expected_noise = (noise - noise.mean()) / 0.01
+    torch.testing.assert_close(out[0, :, 0], expected_noise - expected_noise.min(), atol=1e-9, rtol=0)
+    assert float(out[0].max()) < 0.05
+    # a group spread wider than the floor is normalised exactly as without it
+    torch.testing.assert_close(out[1], group_baseline_rewards(rewards, min_std=0.0)[1], atol=0, rtol=0)
+    assert float(out[1].max()) > 1.0
+    with pytest.raises(ValueError, match="min_std"):
+        group_baseline_rewards(rewards, min_std=-1.0)
 
 
 def _batch_case(dtype=torch.float64, n=80, k=8):

@@ -275,3 +275,42 @@ def test_exact_stays_finite_when_the_top_logit_is_hundreds_of_nats_ahead(kernels
     (grad_near,) = torch.autograd.grad(log_p_near.sum(), y)
     torch.testing.assert_close(log_p[1], log_p_near[1].detach(), atol=1e-10, rtol=0)
     torch.testing.assert_close(grad[1, 1:], grad_near[1, 1:], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("top_m, tail", [(23, "exact"), (23, "linear"), (None, "exact")])
+def test_torch_path_in_row_chunks_equals_the_whole_batch_and_keeps_less_for_backward(top_m, tail, monkeypatch):
+    # The GPU path (forced here with RAG_CAPG_NO_NUMBA=1) held a float64 (rows, L, N, nodes) tensor for
+    # backward: 0.15 GiB at 128 rows and N = 5,183. Split into checkpointed chunks of rows, each row's
+    # probability and gradient must be bit for bit those of the row computed alone; against the whole batch
+    # in one piece they differ by round-off only (torch's kernels are not bitwise invariant to the batch
+    # shape: the unchunked batch differs from its rows one at a time in the last bit too).
+    from rag_capg.pg import inclusion
+
+    monkeypatch.setenv("RAG_CAPG_NO_NUMBA", "1")
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(6, 300, generator=g, dtype=torch.float64) * 2
+    items = torch.randint(0, 300, (6, 2), generator=g)
+    items[:, 0] = s.argmax(dim=1)  # one pick at the top of its row, one anywhere
+    weights = torch.rand(6, 2, generator=g, dtype=torch.float64)
+
+    def run(rows=slice(None)):
+        x = s[rows].clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            p = inclusion_prob_exact(x, items[rows], 20, num_nodes=12, top_m=top_m, tail=tail)
+        (grad,) = torch.autograd.grad((weights[rows] * p.log()).sum(), x)
+        with torch.no_grad():
+            p_no_grad = inclusion_prob_exact(s[rows], items[rows], 20, num_nodes=12, top_m=top_m, tail=tail)
+        assert torch.equal(p_no_grad, p.detach())
+        return p.detach(), grad, sum(saved)
+
+    p_whole, grad_whole, saved_whole = run()
+    one_by_one = [run(slice(b, b + 1))[:2] for b in range(6)]
+    monkeypatch.setattr(inclusion, "_EXACT_TORCH_MAX_ELEMENTS", 1)  # one row per chunk
+    p_rows, grad_rows, saved_rows = run()
+    assert torch.equal(p_rows, torch.cat([p for p, _ in one_by_one]))
+    assert torch.equal(grad_rows, torch.cat([grad for _, grad in one_by_one]))
+    torch.testing.assert_close(p_rows, p_whole, rtol=0, atol=1e-15)
+    torch.testing.assert_close(grad_rows, grad_whole, rtol=0, atol=1e-14)
+    if tail == "exact":  # the (rows, L, N, nodes) tail terms are no longer kept
+        assert saved_rows < saved_whole / 5

@@ -124,6 +124,71 @@ def test_embed_with_grad_matches_encode_and_has_gradients(model):
     assert q.shape == (4, 32) and not q.requires_grad
 
 
+def _encoded_batch_sizes(model) -> list[int]:
+    """Record the number of texts of every forward of the model's transformer (forward and recompute)."""
+    sizes: list[int] = []
+    first = next(m for m in model.modules() if type(m).__name__ == "Transformer")
+    first.register_forward_pre_hook(lambda module, args: sizes.append(int(args[0]["input_ids"].shape[0])))
+    return sizes
+
+
+def _grads(model, texts, **kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    weights = torch.linspace(-1.0, 1.0, 32)
+    emb = retriever.embed_with_grad(model, texts, route="document", **kw)
+    (emb * weights).sum().backward()
+    return emb.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_embed_with_grad_in_chunks_holds_at_most_a_chunk_and_gives_the_same_gradient(tiny_bi_encoder_path):
+    model = retriever.load_bi_encoder(str(tiny_bi_encoder_path), device="cpu").eval()
+    texts = TEXTS + [t + " and a much longer tail of words to pad" for t in TEXTS]  # 22 texts
+    emb, grads = _grads(model, texts)
+    sizes = _encoded_batch_sizes(model)
+    emb_c, grads_c = _grads(model, texts, chunk_size=4)
+    # every forward, in the first pass and in the backward recompute, saw at most 4 passages
+    assert max(sizes) == 4 and sum(sizes) == 2 * len(texts)
+    torch.testing.assert_close(emb_c, emb, atol=1e-6, rtol=1e-5)
+    assert grads_c.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=1e-6, rtol=1e-4)
+    # one chunk is the plain single pass, bit for bit
+    sizes.clear()
+    emb_1, grads_1 = _grads(model, texts, chunk_size=len(texts))
+    assert sizes == [len(texts)] and torch.equal(emb_1, emb)
+    assert all(torch.equal(grads_1[n], grads[n]) for n in grads)
+
+
+def test_embed_with_grad_in_chunks_replays_the_dropout_masks(tiny_bi_encoder_path):
+    # With dropout on, the recompute in backward must draw the masks the forward drew: the gradient equals
+    # that of the same chunks encoded without checkpointing from the same RNG state.
+    model = retriever.load_bi_encoder(str(tiny_bi_encoder_path), device="cpu").train()
+    torch.manual_seed(5)
+    emb_c, grads_c = _grads(model, TEXTS, chunk_size=3)
+    torch.manual_seed(5)
+    model.zero_grad()
+    parts = [retriever.embed_with_grad(model, TEXTS[i:i + 3], route="document") for i in range(0, len(TEXTS), 3)]
+    emb = torch.cat(parts)
+    (emb * torch.linspace(-1.0, 1.0, 32)).sum().backward()
+    assert torch.equal(emb_c, emb.detach())
+    assert all(torch.equal(grads_c[n], p.grad) for n, p in model.named_parameters() if p.grad is not None)
+    torch.manual_seed(6)
+    assert not torch.equal(retriever.embed_with_grad(model, TEXTS, route="document", chunk_size=3).detach(), emb_c)
+
+
+def test_encoding_the_corpus_puts_a_training_model_back_in_training(model):
+    # SentenceTransformer.encode() switches to eval(); a both_towers run with dropout re-indexes mid-training.
+    model.train()
+    corpus = FakeCorpus(ids=[str(i) for i in range(len(TEXTS))], texts=TEXTS)
+    retriever.encode_corpus(model, corpus, cache_dir=None, normalize=True, show_progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    retriever.encode_queries(model, TEXTS[:2], normalize=True)
+    assert model.training
+    model.eval()
+    retriever.encode_queries(model, TEXTS[:2], normalize=True)
+    assert not model.training
+
+
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_scores_brute_force(similarity):
     g = torch.Generator().manual_seed(0)
@@ -173,6 +238,20 @@ def test_topm_restricted_logits():
     assert q.grad is not None and q.grad.abs().sum() > 0
     trunc = index.restricted_logits(q, m, 0, tau=tau)
     assert torch.isinf(trunc.logits[:, m]).all()
+
+
+def test_topm_with_an_inverted_file_index_and_its_search_parameters():
+    # A large corpus swaps the exact index for an IVF one; probing every list must give the exact top-M,
+    # probing one list is what search_params sets (and generally misses some).
+    import faiss
+
+    g = torch.Generator().manual_seed(3)
+    d, q = torch.randn(2000, 16, generator=g), torch.randn(5, 16, generator=g)
+    exact = retriever.TopMIndex(d, similarity="cosine").restricted_logits(q, 50, 0, tau=0.1)
+    every = retriever.TopMIndex(d, similarity="cosine", factory="IVF16,Flat", search_params="nprobe=16")
+    assert torch.equal(every.restricted_logits(q, 50, 0, tau=0.1).indices, exact.indices)
+    one = retriever.TopMIndex(d, similarity="cosine", factory="IVF16,Flat", search_params="nprobe=1")
+    assert faiss.extract_index_ivf(one.index).nprobe == 1
 
 
 def test_topm_tail_draws_exclude_top():

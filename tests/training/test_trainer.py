@@ -174,6 +174,87 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_bi_encoder_p
     assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
 
 
+def test_both_towers_in_gradient_chunks_trains_like_one_pass(tmp_path, tiny_bi_encoder_path, tiny_beir_dir,
+                                                              monkeypatch):
+    # grad_chunk_size re-encodes the touched passages a few at a time under activation checkpointing: the
+    # same gradients up to round-off (tests/retrieval/test_retriever.py checks the pieces), so the same model.
+    import rag_capg.training.trainer as trainer_module
+
+    seen = []
+    embed = trainer_module.embed_with_grad
+    monkeypatch.setattr(trainer_module, "embed_with_grad",
+                        lambda model, texts, **kw: seen.append((kw["route"], len(texts), kw.get("chunk_size")))
+                        or embed(model, texts, **kw))
+    kw = dict(mode="both_towers", reindex_every=2, eval_split="", group_size=2)
+    a = config(tmp_path / "a", tiny_bi_encoder_path, tiny_beir_dir, **kw)
+    b = config(tmp_path / "b", tiny_bi_encoder_path, tiny_beir_dir, grad_chunk_size=4, **kw)
+    train(a)
+    assert all(chunk is None for _, _, chunk in seen)
+    seen.clear()
+    train(b)
+    documents = [(n, chunk) for route, n, chunk in seen if route == "document"]
+    assert documents and all(chunk == 4 for _, chunk in documents) and max(n for n, _ in documents) > 4
+    assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
+
+
+class FP16Accelerator:
+    """The real (CPU) accelerator with a grad scaler, as accelerate sets one up for fp16 on a GPU: a scaled
+    backward, unscale_gradients, clipping on unscaled gradients and optimizer_step_was_skipped."""
+
+    def __init__(self, real, scaler, optimizer):
+        self._real, self.scaler, self._optimizer = real, scaler, optimizer
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def unscale_gradients(self):
+        self.scaler.unscale_(self._optimizer.optimizer)
+
+    def clip_grad_norm_(self, params, max_norm):
+        self.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    @property
+    def optimizer_step_was_skipped(self):
+        return self._optimizer.step_was_skipped
+
+
+def test_fp16_steps_log_unscaled_grad_norms_and_skip_the_scheduler_with_the_optimizer(tmp_path, tiny_bi_encoder_path,
+                                                                                      tiny_beir_dir):
+    # fp16 needs a GPU; its step logic is imitated on CPU with a real torch GradScaler behind accelerate's
+    # optimizer wrapper. max_grad_norm=0: the logged norm must be that of the true gradients (not 1024x), and a
+    # step with inf gradients must leave the weights AND the learning-rate schedule where they were.
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    def make(name):
+        cfg = config(tmp_path / name, tiny_bi_encoder_path, tiny_beir_dir, eval_split="", max_grad_norm=0.0,
+                     warmup_ratio=0.5, max_steps=4)
+        return build_trainer(*config_from_dict(GROUPS, cfg))
+
+    plain, fp16 = make("plain"), make("fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fp16.optimizer = AcceleratedOptimizer(fp16.optimizer.optimizer, device_placement=False, scaler=scaler)
+    fp16.accelerator = FP16Accelerator(fp16.accelerator, scaler, fp16.optimizer)
+    row_plain, row_fp16 = plain.optimizer_step(), fp16.optimizer_step()
+    assert row_fp16["grad_norm"] == pytest.approx(row_plain["grad_norm"], rel=1e-5)
+    assert row_fp16["lr"] == row_plain["lr"] > 0
+    # an overflowing step: inf gradients
+    step = fp16.training_step
+    fp16.training_step = lambda idx: (lambda loss, sums: (loss * float("inf"), sums))(*step(idx))
+    before = {n: p.detach().clone() for n, p in fp16.model.named_parameters() if p.requires_grad}
+    lr_before, epoch_before = fp16.scheduler.get_last_lr()[0], fp16.scheduler.last_epoch
+    fp16.optimizer_step()
+    assert fp16.accelerator.optimizer_step_was_skipped and scaler.get_scale() == 512.0
+    assert all(torch.equal(p, before[n]) for n, p in fp16.model.named_parameters() if p.requires_grad)
+    assert fp16.scheduler.last_epoch == epoch_before and fp16.scheduler.get_last_lr()[0] == lr_before
+    fp16.training_step = step  # and the next good step moves both again
+    fp16.optimizer_step()
+    assert fp16.scheduler.last_epoch == epoch_before + 1
+
+
 def _cli(args: list[str], **env) -> list[str]:
     return [sys.executable, "-m", "rag_capg.cli", "train", *args]
 
@@ -210,6 +291,24 @@ def test_two_processes_train_like_one(tmp_path, tiny_bi_encoder_path, tiny_beir_
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run_summary.json").read_text())["num_processes"] == 2
+    assert max_diff(weights(Path(one["output_dir"]) / "final"), weights(tmp_path / "two" / "final")) < 1e-5
+
+
+def test_two_processes_train_like_one_in_both_towers_with_gradient_chunks(tmp_path, tiny_bi_encoder_path,
+                                                                           tiny_beir_dir):
+    # both_towers re-encodes the touched passages with gradient: each query's row is refreshed at its own
+    # passages only (otherwise its gradient depended on the other queries of its micro-batch, and two
+    # processes trained another model), and a checkpointed chunk recomputed in backward must not re-enter
+    # DDP's forward (it hung).
+    opts = dict(max_steps=3, group_size=2, eval_split="", mode="both_towers", reindex_every=2, grad_chunk_size=4)
+    one = config(tmp_path / "one", tiny_bi_encoder_path, tiny_beir_dir, **opts)
+    train(one)
+    args = [f"{k}={v}" for k, v in one.items() if k not in ("output_dir", "cache_dir")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29612",
+           "-m", "rag_capg.cli", "train", *args, f"output_dir={tmp_path / 'two'}", f"cache_dir={tmp_path / 'c2'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_diff(weights(Path(one["output_dir"]) / "final"), weights(tmp_path / "two" / "final")) < 1e-5
 
 
