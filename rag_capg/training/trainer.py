@@ -33,7 +33,7 @@ from transformers import get_scheduler
 from rag_capg.errors import InputError
 from rag_capg.judges.build import as_cached_judge
 from rag_capg.pg.estimators import surrogate_loss
-from rag_capg.pg.policy import deterministic_top_k, entropy, kl_to_reference
+from rag_capg.pg.policy import deterministic_top_k, kl_to_reference
 from rag_capg.retrieval.data import check_candidate_size
 from rag_capg.retrieval.inputs import as_corpus, as_queries
 from rag_capg.retrieval.retriever import (
@@ -56,14 +56,11 @@ from rag_capg.training.checkpoints import (
     seed_everything,
 )
 from rag_capg.training.config import CAPGConfig
-from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, candidate_recall, noise_generator, rollout
+from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, noise_generator, rollout
 from rag_capg.training.run_folder import RunFolder
 from rag_capg.training.run_logger import RunLogger
 from rag_capg.training.selection import split_dev
-
-# (sum, count) pairs summed over micro-batches and processes in one all-reduce; the logged mean is sum / count.
-SUMMED = ("loss", "kl", "reward", "reward_sq", "zero_var", "zero_reward", "candidate_recall", "entropy",
-          "skipped_queries")
+from rag_capg.training.step_log import SUMMED, step_row, step_sums
 
 
 class CAPGTrainer:
@@ -198,7 +195,7 @@ class CAPGTrainer:
         return logits, column_ids, mask
 
     def training_step(self, query_idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one micro-batch of queries, and its (sum, count) logging pairs (see SUMMED)."""
+        """Loss of one micro-batch of queries, and its (sum, count) logging pairs (training/step_log.py)."""
         c = self.args
         # 1. the policy: logits over the corpus, with gradient through the query encoder. In float32: every
         #    estimator's normaliser is a logsumexp of these (never half precision).
@@ -217,7 +214,8 @@ class CAPGTrainer:
         if c.beta > 0:
             kl = kl_to_reference(logits, self.reference_logits(query_idx))
             loss = loss + c.beta * kl.mean()
-        return loss, self.step_sums(query_idx, ro, logits, loss, kl)
+        return loss, step_sums(ro, query_idx, self.train_q, self.corpus.ids, logits=logits, loss=loss, kl=kl,
+                               group_size=c.group_size, num_picks=c.num_picks)
 
     def policy_gradient_loss(self, logits: torch.Tensor, ro: Rollout) -> torch.Tensor:
         c, G = self.args, self.args.group_size
@@ -264,25 +262,6 @@ class CAPGTrainer:
         q0 = self.ref_query_emb[query_idx].to(self.accelerator.device)
         return scores(q0, self.ref_doc_emb, similarity=self.similarity, tau=self.args.tau)
 
-    def step_sums(self, query_idx, ro: Rollout, logits, loss, kl) -> dict[str, torch.Tensor]:
-        """(sum, count) per logged quantity, as float64 tensors on the device: no host sync until the one
-        reduce per step (the judge's rewards live on the host: copying them to the device does not wait)."""
-        B, G, L = len(query_idx), self.args.group_size, self.args.num_picks
-        dev = self.accelerator.device
-        kept = ro.raw_rewards.view(B, G, L)[ro.kept]  # (B', G, L)
-        flat = kept.flatten(1)
-        n_kept = float(kept.shape[0])
-        t = lambda x, n: torch.stack([torch.as_tensor(x, dtype=torch.float64).to(dev),  # noqa: E731
-                                      torch.tensor(float(n), dtype=torch.float64, device=dev)])
-        return {"loss": t(loss.detach().double() * B, B), "kl": t(kl.detach().double().sum(), B),
-                "reward": t(kept.double().sum(), kept.numel()),
-                "reward_sq": t((kept.double() ** 2).sum(), kept.numel()),
-                "zero_var": t((flat.std(dim=1, correction=0) == 0).sum(), n_kept),
-                "zero_reward": t((flat.amax(dim=1) == 0).sum(), n_kept),
-                "candidate_recall": t(*candidate_recall(ro, query_idx, self.train_q, self.corpus.ids)),
-                "entropy": t(entropy(logits.detach()).double().sum(), B),
-                "skipped_queries": t((~ro.kept).sum(), 1)}
-
     def optimizer_step(self) -> dict:
         c, acc = self.args, self.accelerator
         batch = batch_indices(len(self.train_q), c.batch_size, self.step, c.seed)
@@ -310,26 +289,14 @@ class CAPGTrainer:
         if not acc.optimizer_step_was_skipped:  # fp16: the scaler skips a step with inf/NaN gradients
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lookups = torch.tensor([self.judge.hits - hits0, self.judge.misses - misses0], dtype=torch.float64)
-        total = acc.reduce(torch.cat([torch.stack([sums[k] for k in SUMMED]).flatten(), lookups.to(acc.device)]),
-                           reduction="sum")
+        sums["lsr_hits"][0], sums["lsr_misses"][0] = self.judge.hits - hits0, self.judge.misses - misses0
+        total = acc.reduce(torch.stack([sums[k] for k in SUMMED]).flatten(), reduction="sum")
         # the step's one device-to-host copy: the sums and this process's grad norm (the same on every process)
         *total, grad_norm = torch.cat([total, torch.as_tensor(grad_norm).detach().to(total).reshape(1)]).cpu().tolist()
-        m = {k: (total[2 * i], total[2 * i + 1]) for i, k in enumerate(SUMMED)}
-        hits, misses = total[-2], total[-1]
-        mean = lambda k: m[k][0] / m[k][1] if m[k][1] else None  # noqa: E731
-        reward = mean("reward") or 0.0
         staleness = {"index_staleness": self.step + 1 - self.index_step, "index_drift": self.last_drift} \
             if c.mode == "both_towers" else {"index_staleness": 0}
-        return {"loss": mean("loss"), "reward_mean": reward,
-                "reward_std": math.sqrt(max((mean("reward_sq") or 0.0) - reward ** 2, 0)),
-                # a group of one reward (G * L = 1) has no variance to speak of: not logged then
-                "zero_var_frac": mean("zero_var") if c.group_size * c.num_picks > 1 else None,
-                "candidate_recall": mean("candidate_recall"), "entropy": mean("entropy"),
-                **({"kl": mean("kl")} if c.beta > 0 else {}),
-                "skipped_queries": int(m["skipped_queries"][0]), "grad_norm": grad_norm,
-                "zero_reward_frac": mean("zero_reward") or 0.0, "lr": self.scheduler.get_last_lr()[0],
-                "lsr_hit_rate": hits / max(hits + misses, 1), "lsr_misses": int(misses), **staleness}
+        return {**step_row(total, args=c), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                **staleness}
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate_split(self, queries) -> dict:
