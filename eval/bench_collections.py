@@ -18,7 +18,7 @@ Phases, so that nothing is chosen on a test split:
   test   the run trains on the whole (subsampled) train split and is evaluated on the test split.
 
 Configs: `recipe` is recipes/scifact_cpu.yaml as shipped before issue 11 (TOP1, tau 0.03, lr 1e-4, 8 epochs
-of 32, no hold-out: the last step is shipped); `default` is CAPGConfig's defaults (what `rag-capg train`
+of 32, no hold-out: the last step is shipped; on the demo recipes/demo.yaml's 60 steps); `default` is CAPGConfig's defaults (what `rag-capg train`
 does with no hyperparameter given). `--estimators` overrides the estimator of each; `--set key=value`
 overrides any CAPGConfig field (recorded with `--tag`). The LSR is the label oracle of the train split.
 
@@ -55,6 +55,8 @@ MARK = ("<!-- bench_collections:begin -->", "<!-- bench_collections:end -->")
 RECIPE = dict(estimator="top1", candidates=20, num_picks=1, group_size=1, tau=0.03, mode="query_tower",
               learning_rate=1e-4, scheduler="linear", warmup_ratio=0.1, batch_size=32, epochs=8,
               max_grad_norm=1.0, dev_fraction=0.0, eval_every=0, beta=0.0)
+# recipes/demo.yaml before issue 11: the same, but 60 steps
+DEMO_RECIPE = dict(max_steps=60)
 COLLECTIONS = ("scifact", "scifact-50", "scifact-100", "scifact-200", "cranfield", "cranfield-50", "demo")
 
 
@@ -115,7 +117,8 @@ def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -
         import shutil
 
         shutil.rmtree(path.with_suffix(""), ignore_errors=True)  # a scratch run folder of an interrupted job
-        options = {**(RECIPE if config == "recipe" else {}), **overrides, "estimator": estimator, "seed": seed,
+        recipe = {**RECIPE, **(DEMO_RECIPE if collection == "demo" else {})} if config == "recipe" else {}
+        options = {**recipe, **overrides, "estimator": estimator, "seed": seed,
                    "output_dir": str(path.with_suffix("")), "cache_dir": CACHE, "report_to": "none",
                    "progress": False, "save_every": 0}
         from rag_capg.config_parsing import config_from_dict
