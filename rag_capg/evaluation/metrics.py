@@ -7,7 +7,7 @@ measures and only adds the two conventions trec_eval leaves to the caller:
     recall@k -> recall_k      ndcg@k -> ndcg_cut_k      map@k -> map_cut_k
     mrr@k    -> recip_rank on the run cut at depth k (trec_eval's recip_rank has no cut-off)
 
-What these measure (trec_eval's definitions; tests/test_metrics.py checks them against ranx and against a
+What these measure (trec_eval's definitions; tests/evaluation/test_metrics.py checks them against ranx and against a
 brute-force reference):
 
 - Ranking: score descending, ties broken by doc id *descending* (string order). This is trec_eval's order;

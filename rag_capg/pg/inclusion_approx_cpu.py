@@ -24,7 +24,7 @@ ratios of weights, so holding m fixed gives the exact gradient):
 and d/d s_j = u_j d/d u_j; for a tail item d/d s_j = e_j d/d T with e_j = exp(s_j - m). For log P every
 partial is scaled by d log P / d log(1 - P) = exp(v) / expm1(v), v = log(1 - P).
 Clamps mirror the torch reference (R_i >= 1e-300, tail mass left after a >= 0), so both agree to
-round-off; tests/test_inclusion_approx_cpu.py checks values and gradients against it.
+round-off; tests/pg/test_inclusion_approx_cpu.py checks values and gradients against it.
 """
 
 from __future__ import annotations

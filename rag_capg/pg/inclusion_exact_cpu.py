@@ -37,7 +37,7 @@ Derivatives (w_ref and w_M are held fixed: P depends only on ratios of weights):
     lam, s2     through the start f = exp(a0 + a1 z + a2 z^2): df_c / da_i = f_{c-i}
     a itself    sum_n w_n F_n jac_n (1 + c log v_n), plus its tail terms if it is in the tail
 P is clamped at 1 like the torch path (it is never negative: every factor is >= 0, and the tail's CDF stays
->= 0 since s2 <= lam). tests/test_inclusion_exact_cpu.py checks values and gradients
+>= 0 since s2 <= lam). tests/pg/test_inclusion_exact_cpu.py checks values and gradients
 against ``inclusion._exact_torch``, which sums the tail's p_j directly.
 """
 
