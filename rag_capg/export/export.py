@@ -308,7 +308,7 @@ def build_folder(src: Path, dest: Path, card: typing.Callable[..., str], cfg: Ex
     gap = max_gap(reference, embed(SentenceTransformer(str(dest), device="cpu"), PROBE_TEXTS))
     if gap > 1e-5:
         raise RuntimeError(f"the re-saved model differs from {src} (max |gap| {gap:.2e})")
-    onnx_report = export_onnx(dest, model, cfg) if cfg.onnx else None
+    onnx_report = export_onnx(dest, model, cfg, src) if cfg.onnx else None
     text = card(query_tower=is_query_tower(dest), embedding_dim=model.get_embedding_dimension(), onnx=onnx_report)
     (dest / "README.md").write_text(text, encoding="utf-8")
 
@@ -323,16 +323,17 @@ def require_onnx() -> None:
                          field="onnx") from None
 
 
-def export_onnx(dest: Path, model, cfg: ExportConfig) -> dict:
+def export_onnx(dest: Path, model, cfg: ExportConfig, src: Path) -> dict:
     """ONNX files for every Transformer module of ``dest`` (both towers of a Router), then OnnxEncoder checked
-    against the torch ``model`` and timed; the figures go into the card."""
+    against the torch ``model`` and timed; the figures go into the card. ``src``: the run's model folder, which
+    error messages name (``dest`` is still a temporary folder)."""
     from rag_capg.export.onnx import read_layout
     from rag_capg.export.onnx_export import check_towers, export_towers
 
     try:
         read_layout(dest)
     except ValueError as err:
-        raise InputError(f"--onnx: {err}", field="onnx") from None
+        raise InputError(f"--onnx: {str(err).replace(str(dest), str(src))}", field="onnx") from None
     files = export_towers(dest, model, quantize=cfg.onnx_quantize)
     report = check_towers(dest, model, atol=cfg.onnx_atol, quantized=cfg.onnx_quantize,
                           min_cosine=cfg.onnx_min_cosine)

@@ -261,6 +261,18 @@ def test_onnx_towers_match_torch_in_a_clean_process(trained_run, tiny_bi_encoder
         assert needle in card, needle
 
 
+def test_onnx_refuses_a_module_it_cannot_run_before_writing(tiny_bi_encoder_path, tmp_path, capsys):
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    model = SentenceTransformer(str(tiny_bi_encoder_path), device="cpu")
+    model.append(Dense(model.get_embedding_dimension(), 8))
+    model.save(str(tmp_path / "run" / "final"))
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "['Transformer', 'Pooling', 'Dense']" in err and str(tmp_path / "run" / "final") in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_onnx_without_its_packages_names_the_install_command(trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets when it is missing
     assert cli.main(["export", str(trained_run), "--out", str(tmp_path / "o"), "--onnx"]) == 2
