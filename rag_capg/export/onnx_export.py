@@ -89,11 +89,12 @@ def torch_modules(model, route: str) -> list:
 def export_towers(folder: Path, model, *, quantize: bool = False, opset: int = OPSET) -> list[str]:
     """Write ``onnx/model.onnx`` (and with ``quantize`` ``onnx/model_qint8_quantized.onnx``) into every
     Transformer module folder of ``folder``, the saved copy of ``model``. Returns the files written."""
-    written = []
+    written, done = [], set()
     for route, steps in module_pipelines(folder).items():
         path, transformer = steps[0][1], torch_modules(model, route)[0]
-        if (path / "onnx" / ONNX_NAME).is_file():
-            continue  # one tower shared by both routes
+        if path in done:
+            continue  # a plain model: one tower for both routes
+        done.add(path)
         export_transformer(transformer, path / "onnx" / ONNX_NAME, opset)
         written.append(path / "onnx" / ONNX_NAME)
         if quantize:
@@ -150,8 +151,8 @@ def check_towers(folder: Path, model, *, atol: float, quantized: bool, min_cosin
     files = {"float32": ONNX_NAME, **({"int8": INT8_NAME} if quantized else {})}
     encoders = {kind: OnnxEncoder(folder, name, num_threads=threads) for kind, name in files.items()}
     report: dict = {"opset": OPSET, "onnxruntime": ort.__version__, "texts": len(texts), "threads": threads,
-                    "cpu": cpu_name(),
-                    "timed_texts": TIMED_TEXTS, "max_abs_diff": {}, "min_cosine": {}, "seconds": {}}
+                    "cpu": cpu_name(), "timed_texts": TIMED_TEXTS, "max_abs_diff": {}, "min_cosine": {},
+                    "seconds": {}}
     tower = next(iter(encoders["float32"].routes.values()))[0]
     report["long_text_tokens"] = len(tower.tokenizer(CHECK_TEXTS[4], verbose=False)["input_ids"])
     report["max_seq_length"] = tower.max_length["query"]
@@ -163,8 +164,7 @@ def check_towers(folder: Path, model, *, atol: float, quantized: bool, min_cosin
     if quantized and report["min_cosine"]["int8"] < min_cosine:
         raise RuntimeError(f"int8 embeddings reach cosine {report['min_cosine']['int8']:.4f} with torch's, "
                            f"< onnx_min_cosine={min_cosine}")
-    timed = [t for t in texts if len(t) < 100] * TIMED_TEXTS
-    timed = timed[:TIMED_TEXTS]
+    timed = ([t for t in texts if len(t) < 100] * TIMED_TEXTS)[:TIMED_TEXTS]
     report["seconds"]["torch"] = best_time(lambda: model.encode_query(timed, batch_size=32))
     for kind, encoder in encoders.items():
         report["seconds"][kind] = best_time(lambda e=encoder: e.encode_query(timed, batch_size=32))
