@@ -18,9 +18,10 @@ Phases, so that nothing is chosen on a test split:
   test   the run trains on the whole (subsampled) train split and is evaluated on the test split.
 
 Configs: `recipe` is recipes/scifact_cpu.yaml as shipped before issue 11 (TOP1, tau 0.03, lr 1e-4, 8 epochs
-of 32, no hold-out: the last step is shipped; on the demo recipes/demo.yaml's 60 steps); `default` is CAPGConfig's defaults (what `rag-capg train`
-does with no hyperparameter given). `--estimators` overrides the estimator of each; `--set key=value`
-overrides any CAPGConfig field (recorded with `--tag`). The LSR is the label oracle of the train split.
+of 32, no hold-out: the last step is shipped; on the demo recipes/demo.yaml's 60 steps); `default` is
+CAPGConfig's defaults (what `rag-capg train` does with no hyperparameter given). `--estimators` overrides
+the estimator of each; `--set key=value` overrides any CAPGConfig field (recorded with `--tag`). The LSR is
+the label oracle of the train split.
 
 Every job (collection, config, estimator, seed) writes outputs/bench_collections/<phase>/<job>.json: the
 options, the wall time, the trainer's summary and the per-query nDCG@10 and Recall@20 of the shipped model on

@@ -1,5 +1,6 @@
 """``rag-capg export RUN_DIR --out DIR [--push-to-hub ORG/NAME]``: a run's encoder as a plain
-sentence-transformers folder, with a model card, optionally ONNX towers, optionally on the Hub.
+sentence-transformers folder, with a model card, optionally ONNX towers (rag_capg.export.onnx_export),
+optionally on the Hub.
 
 The folder is re-saved by sentence-transformers itself and must load with ``SentenceTransformer(DIR)`` on a
 machine without rag-capg: every module (a query-tower run's Router, its two Transformer towers, the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import typing
@@ -42,7 +42,7 @@ class ExportConfig:
     """Export a run's encoder as a sentence-transformers folder (with a model card), optionally to the Hub.
 
     usage: rag-capg export RUN_DIR --out DIR [--checkpoint final|best|N] [--push-to-hub ORG/NAME [--private]
-                          [--revision BRANCH] [--create-pr]] [--dry-run] [--force] [--onnx]"""
+                          [--revision BRANCH] [--create-pr]] [--dry-run] [--force] [--onnx [--onnx-quantize]]"""
 
     run_dir: str = field(default="", metadata={"help": (
         "the run folder written by `rag-capg train` (may also be given as the first positional argument)")})
@@ -60,9 +60,15 @@ class ExportConfig:
         "build the folder in a temporary place, list its files and sizes, write and upload nothing")})
     force: bool = field(default=False, metadata={"help": "replace a non-empty --out folder"})
     onnx: bool = field(default=False, metadata={"help": (
-        "also export each tower to ONNX (onnx/ sub-folders) and check its embeddings against torch; needs "
-        "sentence-transformers' ONNX backend, `pip install 'sentence-transformers[onnx]'`")})
+        "also export each tower's transformer with torch.onnx to <module folder>/onnx/model.onnx and check "
+        "the embeddings of rag_capg.export.onnx.OnnxEncoder against torch's; needs `pip install "
+        "'rag-capg[onnx]'` (onnx, onnxruntime, onnxscript)")})
+    onnx_quantize: bool = field(default=False, metadata={"help": (
+        "with --onnx, also write onnx/model_qint8_quantized.onnx (onnxruntime dynamic int8) and measure its "
+        "difference from torch and its speed")})
     onnx_atol: float = field(default=1e-4, metadata={"help": "largest allowed |ONNX - torch| embedding gap"})
+    onnx_min_cosine: float = field(default=0.95, metadata={"help": (
+        "smallest allowed cosine between an int8 embedding and torch's (--onnx-quantize)")})
     base_model: str | None = field(default=None, metadata={"help": (
         "Hub id of the base model for the card's metadata (default: the run's model when it is a Hub id)")})
     license: str | None = field(default=None, metadata={"help": "license for the card, e.g. apache-2.0"})
@@ -74,6 +80,8 @@ class ExportConfig:
             raise InputError(f"{self.checkpoint!r} is not 'final', 'best' or a step number", field="checkpoint")
         if not self.out and not self.push_to_hub and not self.dry_run:
             raise InputError("nothing to do: give --out DIR, --push-to-hub ORG/NAME or --dry-run", field="out")
+        if self.onnx_quantize and not self.onnx:
+            raise InputError("--onnx-quantize needs --onnx", field="onnx_quantize")
         if (self.private or self.revision or self.create_pr) and not self.push_to_hub:
             raise InputError("--private / --revision / --create-pr only apply with --push-to-hub",
                              field="push_to_hub")
@@ -190,9 +198,10 @@ def pick_evals(run_dir: Path, summary: dict, config: dict, step: int | None
     return before, after, split
 
 
-def export_versions() -> dict[str, str]:
+def export_versions(onnx: bool = False) -> dict[str, str]:
     versions = {}
-    for dist in ("rag-capg", "sentence-transformers", "transformers", "torch", "huggingface_hub", "tokenizers"):
+    for dist in ("rag-capg", "sentence-transformers", "transformers", "torch", "huggingface_hub", "tokenizers",
+                 *(("onnx", "onnxruntime", "onnxscript") if onnx else ())):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -277,7 +286,7 @@ def is_query_tower(folder: Path) -> bool:
 
 
 def build_folder(src: Path, dest: Path, card: typing.Callable[..., str], cfg: ExportConfig) -> None:
-    """Re-save the run's model into ``dest``, write the card, verify the reload (and ONNX)."""
+    """Re-save the run's model into ``dest``, verify the reload (and the ONNX towers), write the card."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(src), device="cpu")
@@ -286,50 +295,45 @@ def build_folder(src: Path, dest: Path, card: typing.Callable[..., str], cfg: Ex
     if foreign:
         raise InputError(f"modules {foreign} are not sentence-transformers classes; the folder would not load "
                          "with SentenceTransformer alone", file=src)
-    (dest / "README.md").write_text(card(query_tower=is_query_tower(dest),
-                                         embedding_dim=model.get_embedding_dimension()), encoding="utf-8")
     reference = embed(model, PROBE_TEXTS)
     gap = max_gap(reference, embed(SentenceTransformer(str(dest), device="cpu"), PROBE_TEXTS))
     if gap > 1e-5:
         raise RuntimeError(f"the re-saved model differs from {src} (max |gap| {gap:.2e})")
-    if cfg.onnx:
-        export_onnx(dest, reference, cfg.onnx_atol)
+    onnx_report = export_onnx(dest, model, cfg, src) if cfg.onnx else None
+    text = card(query_tower=is_query_tower(dest), embedding_dim=model.get_embedding_dimension(), onnx=onnx_report)
+    (dest / "README.md").write_text(text, encoding="utf-8")
 
 
 def require_onnx() -> None:
-    try:  # the exporter module too: optimum-onnx 0.1.0 installed beside transformers 5 fails only there
-        import onnxruntime  # noqa: F401
-        import optimum.exporters.onnx.convert  # noqa: F401
-        import optimum.onnxruntime  # noqa: F401
+    try:  # onnxscript: the torch.onnx dynamo exporter's graph builder
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError as err:
-        raise InputError(f"--onnx needs sentence-transformers' ONNX backend (optimum-onnx and onnxruntime; {err}): "
-                         "pip install 'sentence-transformers[onnx]'. Its optimum-onnx 0.1.0 requires "
-                         "transformers<4.58, "
-                         "which sentence-transformers 6 cannot use: until a release lifts that, export without --onnx",
+        raise InputError(f"--onnx needs onnx, onnxruntime and onnxscript ({err}): pip install 'rag-capg[onnx]'",
                          field="onnx") from None
 
 
-def export_onnx(dest: Path, reference: dict, atol: float) -> None:
-    """Each Transformer module (both towers of a Router) goes to <module folder>/onnx/model.onnx through
-    sentence-transformers' ONNX backend (optimum); the torch weights stay, so both backends load."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Transformer
+def export_onnx(dest: Path, model, cfg: ExportConfig, src: Path) -> dict:
+    """ONNX files for every Transformer module of ``dest`` (both towers of a Router), then OnnxEncoder checked
+    against the torch ``model`` and timed; the figures go into the card. ``src``: the run's model folder, which
+    error messages name (``dest`` is still a temporary folder)."""
+    from rag_capg.export.onnx import read_layout
+    from rag_capg.export.onnx_export import check_towers, export_towers
 
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        SentenceTransformer(str(dest), backend="onnx", device="cpu").save(tmp, create_model_card=False)
-        for path in Path(tmp).rglob("*"):
-            rel = path.relative_to(tmp)
-            if path.is_file() and "onnx" in rel.parts[:-1]:
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest / rel)
-    onnx_model = SentenceTransformer(str(dest), backend="onnx", device="cpu")
-    towers = [m for m in onnx_model.modules() if isinstance(m, Transformer)]
-    if not towers or any(getattr(m, "backend", "torch") != "onnx" for m in towers):
-        raise RuntimeError("the ONNX export did not produce an ONNX model for every tower")
-    gap = max_gap(reference, embed(onnx_model, PROBE_TEXTS))
-    if gap > atol:
-        raise RuntimeError(f"ONNX embeddings differ from torch by {gap:.2e} > onnx_atol={atol}")
-    print(f"ONNX towers match torch (max |gap| {gap:.1e})")
+    try:
+        read_layout(dest)
+    except ValueError as err:
+        raise InputError(f"--onnx: {str(err).replace(str(dest), str(src))}", field="onnx") from None
+    files = export_towers(dest, model, quantize=cfg.onnx_quantize)
+    report = check_towers(dest, model, atol=cfg.onnx_atol, quantized=cfg.onnx_quantize,
+                          min_cosine=cfg.onnx_min_cosine)
+    report["files"] = files
+    for kind, gap in report["max_abs_diff"].items():
+        print(f"ONNX {kind}: max |ONNX - torch| {gap:.1e}, min cosine {report['min_cosine'][kind]:.6f}, "
+              f"{report['timed_texts']} texts in {report['seconds'][kind]:.2f} s (torch "
+              f"{report['seconds']['torch']:.2f} s, {report['threads']} threads)")
+    return report
 
 
 def list_files(folder: Path) -> list[tuple[str, int]]:
@@ -373,11 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     before, after, split = pick_evals(run_dir, summary, config, step)
     model_id = cfg.push_to_hub or (out.name if out else "rag-capg-retriever")
 
-    def card(query_tower: bool, embedding_dim: int | None) -> str:
+    def card(query_tower: bool, embedding_dim: int | None, onnx: dict | None) -> str:
         return build_model_card(summary=summary, config=config, eval_before=before, eval_after=after,
                                 eval_split=split, checkpoint=words, query_tower=query_tower,
-                                export_versions=export_versions(), model_id=model_id, embedding_dim=embedding_dim,
-                                base_model=cfg.base_model, license=cfg.license, onnx=cfg.onnx)
+                                export_versions=export_versions(cfg.onnx), model_id=model_id,
+                                embedding_dim=embedding_dim, base_model=cfg.base_model, license=cfg.license,
+                                onnx=onnx)
 
     print(f"Exporting the {words} of {run_dir} ({src})")
     if cfg.dry_run or out is None:

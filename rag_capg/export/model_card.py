@@ -111,11 +111,12 @@ def pretty_metric(metric: str) -> str:
 def build_model_card(*, summary: dict, config: dict, eval_before: dict | None, eval_after: dict | None,
                      eval_split: str | None, checkpoint: str, query_tower: bool, export_versions: dict,
                      model_id: str, embedding_dim: int | None = None, base_model: str | None = None,
-                     license: str | None = None, onnx: bool = False) -> str:
+                     license: str | None = None, onnx: dict | None = None) -> str:
     """Return the README.md text: YAML metadata between ``---`` lines, then the markdown body.
 
     ``eval_before`` / ``eval_after``: metric -> value of the initial model and of the exported checkpoint
     (None when the run did not evaluate them). ``checkpoint``: which checkpoint was exported, in words.
+    ``onnx``: the figures of rag_capg.export.onnx_export.check_towers plus ``files``, when ONNX was exported.
     """
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -218,8 +219,7 @@ def _body(sources, base, dataset, split, num_queries, before, after, checkpoint,
               'document_embeddings = model.encode_document(["Bees turn nectar into honey.", "Rockets burn fuel."])',
               "scores = model.similarity(query_embeddings, document_embeddings)", "print(scores)", "```", ""]
     if onnx:
-        lines += ["ONNX weights of each tower are included: "
-                  f'`SentenceTransformer("{model_id}", backend="onnx")` (needs `optimum[onnxruntime]`).', ""]
+        lines += onnx_section(onnx, model_id)
     lines += ["## Library versions", "", "| library | training | export |", "|---|---|---|"]
     trained = lookup(sources, "versions", "library_versions", default={})
     trained = trained if isinstance(trained, dict) else {}
@@ -231,3 +231,42 @@ def _body(sources, base, dataset, split, num_queries, before, after, checkpoint,
 
 def fmt_metric(value: float | None) -> str:
     return UNKNOWN if value is None else f"{value:.4f}"
+
+
+def onnx_section(onnx: dict, model_id: str) -> list[str]:
+    """The card's ONNX section: the files, the check against torch (max difference, min cosine), the timing,
+    and how to load them today and once optimum-onnx supports transformers 5."""
+    files = ", ".join(f"`{f}`" for f in onnx.get("files", []))
+    seconds, diff, cosine = onnx.get("seconds", {}), onnx.get("max_abs_diff", {}), onnx.get("min_cosine", {})
+    threads = onnx.get("threads", UNKNOWN)
+    timed = f"{onnx.get('timed_texts', UNKNOWN)} short texts, {threads} thread{'' if threads == 1 else 's'}"
+    lines = ["## ONNX", "",
+             f"Each tower's transformer is also saved as ONNX (torch.onnx, opset {onnx.get('opset', UNKNOWN)}) in the "
+             f"layout sentence-transformers uses: {files}.", "",
+             f"Checked at export with onnxruntime {onnx.get('onnxruntime', UNKNOWN)} against the torch model on "
+             f"{onnx.get('texts', UNKNOWN)} texts - an empty one, whitespace only, one of "
+             f"{onnx.get('long_text_tokens', UNKNOWN)} tokens cut at {onnx.get('max_seq_length', UNKNOWN)}, CJK, "
+             "Cyrillic / Arabic / emoji, short English - through each tower, as one batch and one text at a time. "
+             f"Timed on {onnx.get('cpu', 'the export machine')} ({timed}, encode_query, best of 3):", "",
+             f"| weights | max abs difference from torch | min cosine with torch | {timed} |", "|---|---|---|---|",
+             f"| torch float32 | - | - | {fmt_seconds(seconds.get('torch'))} |"]
+    for kind in diff:
+        lines.append(f"| ONNX {kind} | {diff[kind]:.1e} | {cosine.get(kind, 0.0):.6f} | "
+                     f"{fmt_seconds(seconds.get(kind))} |")
+    quantized = "int8" in diff
+    lines += ["", "Load them with onnxruntime and the folder's tokenizers (rag-capg with its `onnx` extra; no torch "
+              "weights are read):", "", "```python", "from rag_capg.export.onnx import OnnxEncoder", "",
+              f'encoder = OnnxEncoder("{model_id}")  # a local folder (huggingface_hub.snapshot_download a Hub id)']
+    if quantized:
+        lines.append('# int8: OnnxEncoder(folder, file_name="model_qint8_quantized.onnx")')
+    lines += ['query_embeddings = encoder.encode_query(["how do bees make honey?"])',
+              'document_embeddings = encoder.encode_document(["Bees turn nectar into honey.", "Rockets burn fuel."])',
+              "print(encoder.similarity(query_embeddings, document_embeddings))", "```", "",
+              f'`SentenceTransformer("{model_id}", backend="onnx")` reads this layout through optimum-onnx, which has '
+              "no release for transformers 5 yet (sentence-transformers 6 needs transformers 5); once it has, that "
+              "line loads these files without rag-capg.", ""]
+    return lines
+
+
+def fmt_seconds(value: float | None) -> str:
+    return UNKNOWN if value is None else f"{value:.2f} s"

@@ -201,34 +201,91 @@ def test_push_preflight_fails_with_one_message_and_never_leaks_the_token(trained
         assert not path.is_file() or SENTINEL.encode() not in path.read_bytes(), path
 
 
-def _has_onnx() -> bool:
-    from rag_capg.errors import InputError
-    from rag_capg.export.export import require_onnx
+ONNX_CHECK = """
+import sys
+sys.path += sys.argv[1:3]
+import numpy as np
+from rag_capg.export.onnx import INT8_NAME, OnnxEncoder
+texts = [l for l in open(sys.argv[4], encoding="utf-8").read().split("\\n---\\n")]
+out = {}
+for name, file_name in (("float32", "model.onnx"), ("int8", INT8_NAME)):
+    encoder = OnnxEncoder(sys.argv[3], file_name=file_name, num_threads=1)
+    for task in ("query", "document"):
+        out[f"{name}_{task}_batch"] = encoder.encode(texts, task)
+        out[f"{name}_{task}_single"] = np.stack([encoder.encode(t, task) for t in texts])
+assert not [m for m in sys.modules if m.startswith(("sentence_transformers", "optimum"))]
+np.savez(sys.argv[5], **out)
+"""
 
-    try:
-        require_onnx()
-    except InputError:
-        return False
-    return True
+
+def test_onnx_towers_match_torch_in_a_clean_process(trained_run, tiny_bi_encoder_path, tmp_path, capsys):
+    """--onnx --onnx-quantize on a query-tower run: an ONNX file per tower in sentence-transformers' layout,
+    read back by OnnxEncoder in a fresh interpreter (no sentence-transformers, no optimum, the folder's torch
+    weights deleted) and matched to the run's torch model on the awkward texts, batched and one by one."""
+    from rag_capg.export.onnx_export import CHECK_TEXTS
+
+    out = tmp_path / "o"
+    assert cli.main(["export", str(trained_run), "--out", str(out), "--onnx", "--onnx-quantize"]) == 0
+    printed = capsys.readouterr().out
+    for tower in ("query_0_Transformer", "document_0_Transformer"):
+        for name in ("model.onnx", "model_qint8_quantized.onnx"):
+            assert (out / tower / "onnx" / name).is_file()
+            assert f"{tower}/onnx/{name}" in printed  # in the listing
+    assert "ONNX float32: max |ONNX - torch|" in printed and "ONNX int8:" in printed
+
+    onnx_only = tmp_path / "onnx_only"
+    shutil.copytree(out, onnx_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "texts.txt").write_text("\n---\n".join(CHECK_TEXTS), encoding="utf-8")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", ONNX_CHECK, sysconfig.get_paths()["purelib"], str(REPO),
+                           str(onnx_only), str(tmp_path / "texts.txt"), str(tmp_path / "emb.npz")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "emb.npz")
+
+    run = SentenceTransformer(str(trained_run / "final"), device="cpu")
+    want = {"query": run.encode_query(CHECK_TEXTS), "document": run.encode_document(CHECK_TEXTS)}
+    int8_gap = 0.0
+    for task in ("query", "document"):
+        for how in ("batch", "single"):
+            np.testing.assert_allclose(got[f"float32_{task}_{how}"], want[task], atol=1e-4)
+            int8_gap = max(int8_gap, float(np.abs(got[f"int8_{task}_{how}"] - want[task]).max()))
+    # both towers: queries through the tuned copy, documents through the untouched base
+    base = SentenceTransformer(str(tiny_bi_encoder_path), device="cpu").encode(CHECK_TEXTS)
+    np.testing.assert_allclose(got["float32_document_batch"], base, atol=1e-4)
+    assert np.abs(got["float32_query_batch"] - got["float32_document_batch"]).max() > 1e-3
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in card.splitlines()
+            if line.startswith("| ONNX ") or line.startswith("| torch float32 |")}
+    assert set(rows) == {"torch float32", "ONNX float32", "ONNX int8"}, card
+    assert float(rows["ONNX float32"][0]) <= 1e-4
+    assert float(rows["ONNX int8"][0]) == pytest.approx(int8_gap, rel=0.05)  # the card's figure, remeasured
+    for needle in ("query_0_Transformer/onnx/model.onnx", "document_0_Transformer/onnx/model_qint8_quantized.onnx",
+                   "from rag_capg.export.onnx import OnnxEncoder", 'backend="onnx")` reads this layout'):
+        assert needle in card, needle
 
 
-@pytest.mark.skipif(_has_onnx(), reason="optimum + onnxruntime installed: the real export is tested instead")
-def test_onnx_without_the_extra_names_the_install_command(trained_run, tmp_path, capsys):
-    assert cli.main(["export", str(trained_run), "--out", str(tmp_path / "o"), "--onnx"]) == 2
-    assert "pip install 'sentence-transformers[onnx]'" in capsys.readouterr().err
+def test_onnx_refuses_a_module_it_cannot_run_before_writing(tiny_bi_encoder_path, tmp_path, capsys):
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    model = SentenceTransformer(str(tiny_bi_encoder_path), device="cpu")
+    model.append(Dense(model.get_embedding_dimension(), 8))
+    model.save(str(tmp_path / "run" / "final"))
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "['Transformer', 'Pooling', 'Dense']" in err and str(tmp_path / "run" / "final") in err, err
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(not _has_onnx(), reason="needs sentence-transformers[onnx] (optimum-onnx, onnxruntime)")
-def test_onnx_towers_match_torch(trained_run, tmp_path):
-    out = tmp_path / "o"
-    assert cli.main(["export", str(trained_run), "--out", str(out), "--onnx"]) == 0
-    assert (out / "query_0_Transformer" / "onnx" / "model.onnx").is_file()
-    assert (out / "document_0_Transformer" / "onnx" / "model.onnx").is_file()
-    got = encode_both(SentenceTransformer(str(out), backend="onnx", device="cpu"))
-    want = encode_both(SentenceTransformer(str(trained_run / "final"), device="cpu"))
-    for route in ("query", "document"):
-        np.testing.assert_allclose(got[route], want[route], atol=1e-4)
+def test_onnx_without_its_packages_names_the_install_command(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets when it is missing
+    assert cli.main(["export", str(trained_run), "--out", str(tmp_path / "o"), "--onnx"]) == 2
+    assert "pip install 'rag-capg[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["export", str(trained_run), "--out", str(tmp_path / "o"), "--onnx-quantize"]) == 2
+    assert "--onnx-quantize needs --onnx" in capsys.readouterr().err
 
 
 def test_argv_positional_run_dir_and_bare_flags(tmp_path):
