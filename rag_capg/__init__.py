@@ -26,7 +26,8 @@ Map of the package, lower layers first (each imports only from those above it):
                   eval: first-stage and two-stage tables), plots
     training/     config (CAPGConfig), rollout (sample -> judge -> pick -> reward), trainer (CAPGTrainer:
                   the loop on accelerate), checkpoints, run_logger
-    export/       export (rag-capg export: a sentence-transformers folder, the Hub), model_card
+    export/       export (rag-capg export: a sentence-transformers folder, the Hub), model_card, onnx_export
+                  (both towers through torch.onnx, checked with onnxruntime), onnx (OnnxEncoder: load them)
     simulate/     the paper's synthetic benchmark (rag-capg simulate)
     cli/          the console script: one thin module per command (train builds objects, then CAPGTrainer)
     recipes/      shipped YAML recipes, usable by name: rag-capg train demo

@@ -53,6 +53,11 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "sampled estimate of the tail mass (large corpora; biased, see the benchmark)")})
     top_m: int = field(default=1000, metadata={"help": "top_m softmax: items kept exactly"})
     tail_samples: int = field(default=256, metadata={"help": "top_m softmax: uniform tail samples for log-mass"})
+    top_m_index: str = field(default="Flat", metadata={"help": (
+        "top_m softmax: the FAISS index_factory string of the index that finds the top-M: Flat (exact), or an "
+        "inverted file for millions of passages, e.g. IVF1000,Flat (trained on the corpus; about sqrt(N) lists)")})
+    top_m_search_params: str | None = field(default=None, metadata={"help": (
+        "top_m softmax: FAISS ParameterSpace settings of that index, e.g. nprobe=32")})
 
     # ---- rollout: candidates, the LSR's picks, rewards --------------------------------------------------
     candidates: int = field(default=20, metadata={"help": "K: size of the candidate list the ESR samples"})

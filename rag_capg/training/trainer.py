@@ -103,6 +103,14 @@ class CAPGTrainer:
         self.script_args = dict(script_args or {})
         self.accelerator = Accelerator(mixed_precision=c.mixed_precision, project_dir=str(self.out),
                                        log_with=None if c.report_to == "none" else c.report_to)
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # the loop calls the unwrapped model's towers directly and builds its optimizer before the model is
+            # prepared; neither sharding scheme allows that
+            raise InputError(f"{self.accelerator.distributed_type.value} is not supported: launch with "
+                             "data parallelism (accelerate's MULTI_GPU, recipes/accelerate/multi_gpu.yaml)",
+                             field="distributed_type")
         # writable folders, the lock on output_dir, fresh start / resume / refusal: before anything expensive
         self.run_folder = RunFolder.open(c, self.accelerator, self.script_args)
         seed_everything(c.seed)
@@ -138,7 +146,8 @@ class CAPGTrainer:
             if c.mode != "query_tower" or c.top_m >= len(self.corpus):
                 raise InputError("the top-M softmax needs mode=query_tower and top_m < corpus size "
                                  f"({len(self.corpus)})", field="softmax")
-            self.topm = TopMIndex(self.doc_emb.cpu(), similarity=self.similarity)
+            self.topm = TopMIndex(self.doc_emb.cpu(), similarity=self.similarity, factory=c.top_m_index,
+                                  search_params=c.top_m_search_params)
         self.model = make_query_tower_model(base) if c.mode == "query_tower" else base
         self.model.to(dev)
         if c.lora_r > 0:

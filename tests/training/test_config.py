@@ -24,7 +24,9 @@ def test_every_field_has_help_and_string_options_are_literal():
         tp = hints[f.name]
         # A free-form string is allowed only for names, paths and templates; everything else is a Literal.
         if tp in (str, str | None):
-            assert any(w in f.name for w in ("model", "dataset", "file", "split", "dir", "prompt", "callable")), f.name
+            # (and FAISS's own index / parameter specifications)
+            assert any(w in f.name for w in ("model", "dataset", "file", "split", "dir", "prompt", "callable",
+                                             "index", "params")), f.name
 
 
 @pytest.mark.parametrize("override, field", [

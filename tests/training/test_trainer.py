@@ -119,6 +119,8 @@ def test_training_improves_the_ranking_it_is_rewarded_for(tmp_path, tiny_bi_enco
 
 @pytest.mark.parametrize("extra", [{"mode": "both_towers", "reindex_every": 2, "estimator": "capg"},
                                    {"softmax": "top_m", "top_m": 12, "tail_samples": 8, "estimator": "top1"},
+                                   {"softmax": "top_m", "top_m": 12, "tail_samples": 8, "estimator": "capg",
+                                    "top_m_index": "IVF2,Flat", "top_m_search_params": "nprobe=2"},
                                    {"estimator": "vpg_swr", "lsr_policy": "sample", "num_picks": 2},
                                    {"estimator": "capg_exact", "exact_top_m": None}])
 def test_modes_and_estimators_run(extra, tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
