@@ -272,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         checks.append((name, bool(ok), detail))
 
     # 1. cross-encoder + both towers + bf16 + capg, and its resume
-    r = run("ce_both_towers", dict(ce, output_dir=str(out / "ce"), cache_dir=str(out / "ce_cache")), cuda=cuda)
-    results.append(r)
     half = max(1, steps // 2)
-    run("ce_both_towers (to its checkpoint)", dict(ce, max_steps=half, save_every=half, eval_split="",
-                                                   output_dir=str(out / "ce_resumed"),
-                                                   cache_dir=str(out / "ce_cache")), cuda=cuda, instrumented=False)
-    shutil.rmtree(out / "ce_resumed" / "final")  # as if killed after the checkpoint
-    resumed = run("resume", dict(ce, eval_split="", resume=True, output_dir=str(out / "ce_resumed"),
+    r = run("ce_both_towers", dict(ce, save_every=half, output_dir=str(out / "ce"), cache_dir=str(out / "ce_cache")),
+            cuda=cuda)
+    results.append(r)
+    # the same run as if killed right after its first checkpoint: its folder up to then, then resume=true
+    shutil.copytree(out / "ce", out / "ce_resumed", ignore=shutil.ignore_patterns("final", "run_summary.json"))
+    for later in (out / "ce_resumed" / "checkpoints").glob("step-*"):
+        if int(later.name.removeprefix("step-")) > half:
+            shutil.rmtree(later)
+    resumed = run("resume", dict(ce, save_every=half, resume=True, output_dir=str(out / "ce_resumed"),
                                  cache_dir=str(out / "ce_cache")), cuda=cuda)
     results.append(resumed)
     diff = max_diff(weights(out / "ce" / "final"), weights(out / "ce_resumed" / "final"))
