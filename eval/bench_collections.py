@@ -9,7 +9,8 @@ Collections (read in place from ../shared/data, or built from the Python install
   scifact, cranfield           the BEIR train split to train on, the test split to report
   scifact-50/100/200,          a seeded subsample (seed 0) of the train queries: the regime of a user
   cranfield-50                 with few labelled queries; the same test split
-  demo                         code search over the standard library (rag_capg.retrieval.demo_corpus)
+  demo, demo-packages          code search over the standard library (rag_capg.retrieval.demo_corpus),
+                               functions split at random / whole packages held out
 
 Phases, so that nothing is chosen on a test split:
   dev    a seeded 20% of the train queries is held out as the evaluation set (for a subsample: up to 200
@@ -58,7 +59,8 @@ RECIPE = dict(estimator="top1", candidates=20, num_picks=1, group_size=1, tau=0.
               max_grad_norm=1.0, dev_fraction=0.0, eval_every=0, beta=0.0)
 # recipes/demo.yaml before issue 11: the same, but 60 steps
 DEMO_RECIPE = dict(max_steps=60)
-COLLECTIONS = ("scifact", "scifact-50", "scifact-100", "scifact-200", "cranfield", "cranfield-50", "demo")
+COLLECTIONS = ("scifact", "scifact-50", "scifact-100", "scifact-200", "cranfield", "cranfield-50", "demo",
+               "demo-packages")
 
 
 def load_collection(name: str, phase: str):
@@ -66,7 +68,10 @@ def load_collection(name: str, phase: str):
     from rag_capg.retrieval.data import load_dataset_splits
 
     base, _, n = name.partition("-")
-    dataset = "demo:stdlib" if base == "demo" else str(DATA / base)
+    if base == "demo":  # demo: functions split at random; demo-packages: whole packages held out
+        dataset, n = ("demo:stdlib-packages" if n == "packages" else "demo:stdlib"), ""
+    else:
+        dataset = str(DATA / base)
     corpus, splits = load_dataset_splits(dataset, ["train", "test"])
     train, test = splits["train"], splits["test"]
     if base == "demo":

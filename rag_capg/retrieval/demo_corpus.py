@@ -8,9 +8,14 @@ task from it without shipping third-party data. Each documented public function 
 - a query: the docstring's summary (first sentence of the first paragraph);
 - a qrel: the query's own function, grade 1.
 
-Queries are split by *module* (a hash of the module name), so test queries come from modules whose code the
-policy never saw a query for: the retriever must generalise rather than memorise a module's vocabulary.
-The corpus holds every passage of both splits.
+Two splits of the queries (the corpus always holds every passage):
+
+- ``demo:stdlib``: by function, at random (a hash of the function's name): no test query's function is
+  trained on, but its module's other functions may be - a code base's own search, where the queries to come
+  are about the same code as the labelled ones;
+- ``demo:stdlib-packages``: by top-level package, so that test queries come from packages the policy never saw
+  a query for (vocabulary included): transfer to unseen code, which a query tower alone barely learns
+  (eval/RESULTS.md, "Cross-collection benchmark").
 
 The dataset depends only on the interpreter's stdlib, so it is cached per Python version as a BEIR folder
 (written atomically) and ``load_corpus("demo:stdlib")`` reuses it.
@@ -27,8 +32,9 @@ import re
 import sys
 import sysconfig
 import textwrap
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from rag_capg.errors import InputError
 from rag_capg.io import atomic_dir
@@ -37,7 +43,9 @@ from rag_capg.io import atomic_dir
 @dataclass(frozen=True)
 class DemoOptions:
     max_passages: int = field(default=3000, metadata={"help": "Corpus size cap (deterministic subsample)."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Share of modules whose queries are test."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Share of queries that are test."})
+    split_by: Literal["function", "package"] = field(default="function", metadata={"help": (
+        "Unit that goes to train or test as a whole: a function (at random) or a top-level package.")})
     max_chars: int = field(default=1000, metadata={"help": "Passage length cap, cut at a line boundary."})
     min_summary_words: int = field(default=4, metadata={"help": "Shorter docstring summaries are skipped."})
     max_per_module: int = field(default=50, metadata={"help": "Cap per module, so that tkinter's hundreds of "
@@ -218,13 +226,17 @@ def build_demo(options: DemoOptions = DemoOptions(), root: Path | None = None) -
         if per_module[e["module"]] <= options.max_per_module:
             capped.append(e)
     unique = sorted(capped[: options.max_passages], key=lambda e: (e["module"], e["qualname"]))
-    split = assign_splits([e["module"] for e in unique], options.test_fraction)
+    if options.split_by == "package":
+        split = assign_splits([e["module"] for e in unique], options.test_fraction)
+    else:  # a fixed hash of the function's name: the same split on every machine with this Python
+        split = {}
     corpus, queries, qrels = [], [], {"train": [], "test": []}
     for e in unique:
         pid = f"{e['module']}:{e['qualname']}"
         corpus.append({"_id": pid, "title": f"{e['module']}.{e['qualname']}", "text": e["code"]})
         queries.append({"_id": f"q:{pid}", "text": e["summary"], "module": e["module"]})
-        qrels[split[e["module"]]].append((f"q:{pid}", pid, 1))
+        side = split.get(e["module"]) or ("test" if _unit_hash(f"split:{pid}") < options.test_fraction else "train")
+        qrels[side].append((f"q:{pid}", pid, 1))
     return {"corpus": corpus, "queries": queries, "qrels": qrels}
 
 
@@ -244,13 +256,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("RAG_CAPG_CACHE", Path.home() / ".cache" / "rag-capg")).expanduser()
 
 
+DEMO_SPLITS = {"stdlib": "function", "stdlib-packages": "package"}
+
+
 def demo_dir(name: str = "stdlib", *, options: DemoOptions = DemoOptions(), cache_dir: str | Path | None = None,
              rebuild: bool = False) -> Path:
     """Path of the demo's BEIR folder, built on first use and cached per (Python version, options)."""
-    if name != "stdlib":
-        raise InputError(f"unknown demo dataset 'demo:{name}'; available: demo:stdlib", field="dataset")
+    if name not in DEMO_SPLITS:
+        raise InputError(f"unknown demo dataset 'demo:{name}'; available: "
+                         f"{', '.join('demo:' + n for n in DEMO_SPLITS)}", field="dataset")
+    options = replace(options, split_by=DEMO_SPLITS[name])
     key = json.dumps([platform.python_implementation(), sys.version, str(stdlib_root()), asdict(options)])
-    tag = f"demo-stdlib-py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    tag = f"demo-{name}-py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     folder = Path(cache_dir or cache_root()) / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     if rebuild or not (folder / "meta.json").is_file():
         data = build_demo(options)

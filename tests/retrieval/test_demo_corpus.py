@@ -1,4 +1,5 @@
-"""The stdlib code-search demo: built from the running interpreter, deterministic, leak-free, split by module."""
+"""The stdlib code-search demo: built from the running interpreter, deterministic, leak-free, split by function
+or by package."""
 
 from __future__ import annotations
 
@@ -51,16 +52,33 @@ def test_deterministic_across_builds(demo_folder):
         assert [tuple(r.split("\t")) for r in rows] == [(q, d, str(s)) for q, d, s in again["qrels"][split]]
 
 
-def test_train_and_test_modules_disjoint(demo_folder):
-    module_of = {q["_id"]: q["module"] for q in read_jsonl(demo_folder / "queries.jsonl")}
+def _split_modules(folder: Path) -> dict[str, set[str]]:
+    module_of = {q["_id"]: q["module"] for q in read_jsonl(folder / "queries.jsonl")}
     splits = {}
     for split in ("train", "test"):
-        rows = (demo_folder / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]
+        rows = (folder / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]
         splits[split] = {module_of[r.split("\t")[0]] for r in rows}
+    return splits
+
+
+def test_demo_stdlib_splits_functions_at_random(demo_folder):
+    splits = _split_modules(demo_folder)
+    # functions, not modules, go to one side: most modules have queries on both sides
+    assert len(splits["train"] & splits["test"]) > 0.5 * len(splits["test"])
+    train = set((demo_folder / "qrels" / "train.tsv").read_text().splitlines()[1:])
+    test = set((demo_folder / "qrels" / "test.tsv").read_text().splitlines()[1:])
+    assert train and test and not train & test
+
+
+def test_demo_stdlib_packages_holds_whole_packages_out(tmp_path):
+    folder = demo_dir("stdlib-packages", cache_dir=tmp_path)
+    splits = _split_modules(folder)
     assert splits["train"] and splits["test"]
     assert not splits["train"] & splits["test"]
     top = {s: {m.split(".")[0] for m in ms} for s, ms in splits.items()}  # whole packages stay together
     assert not top["train"] & top["test"]
+    # the same passages as demo:stdlib, only the queries' sides differ (one corpus-embedding cache serves both)
+    assert (folder / "corpus.jsonl").read_text() == (demo_dir(cache_dir=tmp_path) / "corpus.jsonl").read_text()
 
 
 def test_no_docstring_text_in_passages(demo_folder):
