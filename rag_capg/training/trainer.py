@@ -55,7 +55,7 @@ from rag_capg.training.checkpoints import (
     save_checkpoint,
     seed_everything,
 )
-from rag_capg.training.config import CAPGConfig
+from rag_capg.training.config import MIN_STEPS, CAPGConfig
 from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, noise_generator, rollout
 from rag_capg.training.run_folder import RunFolder
 from rag_capg.training.run_logger import RunLogger
@@ -131,7 +131,7 @@ class CAPGTrainer:
             raise InputError(f"{c.batch_size} exceeds the {len(self.train_q)} training queries of split "
                              f"{self.train_q.split!r}", field="batch_size")
         self.steps_per_epoch = len(self.train_q) // c.batch_size
-        self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
+        self.total_steps = c.max_steps or max(c.epochs * self.steps_per_epoch, MIN_STEPS)
         self.eval_every = c.eval_every if c.eval_every is not None else max(1, self.total_steps // 10)
         # 2. the early-stage ranker and its document index -------------------------------------------------
         dev = self.accelerator.device
