@@ -358,6 +358,12 @@ def test_08_a_run_in_which_every_query_was_skipped_says_so(tmp_path, tiny_bi_enc
     assert saved["steps_without_signal"] == 2 and saved["skipped_queries"] == 8
     err = [line for line in capsys.readouterr().err.splitlines() if "nothing was learnt" in line]
     assert len(err) == 1 and "final" in err[0]
+    # no signal, no update: not even AdamW's weight decay, so final/ is the starting model bit for bit
+    from tests.training.test_trainer import weights
+
+    base = {k.split("/", 1)[1]: v for k, v in weights(tiny_bi_encoder_path).items()}
+    final = weights(Path(options["output_dir"]) / "final")
+    assert all(torch.equal(v, base[k.split("/", 1)[1]]) for k, v in final.items())
 
 
 # ------------------------------------------------------------------------------------------- 9

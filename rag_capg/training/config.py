@@ -70,7 +70,8 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
     reward_mapping: RewardMapping = field(default="identity", metadata={"help": (
         "non-negative map from the LSR score to the reward (identity for grades / probabilities)")})
     baseline: Literal["none", "group_min_shift"] = field(default="none", metadata={"help": (
-        "none, or group-normalised rewards shifted by the group minimum (stays >= 0 for CA-PG; needs G > 1)")})
+        "none, or group-normalised rewards shifted by the group minimum (stays >= 0 for CA-PG; needs G > 1; "
+        "the spread is floored at 0.01, so a judge's noise across a group of equally bad candidates stays small)")})
 
     # ---- estimator -------------------------------------------------------------------------------------
     estimator: Estimator = field(default="top1", metadata={"help": (

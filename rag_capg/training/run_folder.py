@@ -232,7 +232,7 @@ class RunFolder:
         if steps > 0 and self.steps_with_signal == 0 and self.accelerator.is_main_process:
             print(f"rag-capg: warning: the judge failed on every query of all {steps} steps "
                   f"({self.skipped_queries} queries skipped, lsr_on_error=skip_query): nothing was learnt and "
-                  f"{self.out / 'final'} is the initial model (but for weight decay)", file=sys.stderr, flush=True)
+                  f"{self.out / 'final'} is the initial model", file=sys.stderr, flush=True)
         return {"trained_steps_with_signal": self.steps_with_signal,
                 "steps_without_signal": steps - self.steps_with_signal, "skipped_queries": self.skipped_queries}
 

@@ -294,14 +294,17 @@ class CAPGTrainer:
             acc.unscale_gradients()
             grads = [p.grad.norm() for p in self.params if p.grad is not None]
             grad_norm = torch.norm(torch.stack(grads)) if grads else torch.zeros(())
-        self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:  # fp16: the scaler skips a step with inf/NaN gradients
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         sums["lsr_hits"][0], sums["lsr_misses"][0] = self.judge.hits - hits0, self.judge.misses - misses0
         total = acc.reduce(torch.stack([sums[k] for k in SUMMED]).flatten(), reduction="sum")
         # the step's one device-to-host copy: the sums and this process's grad norm (the same on every process)
         *total, grad_norm = torch.cat([total, torch.as_tensor(grad_norm).detach().to(total).reshape(1)]).cpu().tolist()
+        if total[2 * SUMMED.index("skipped_queries")] < c.batch_size:
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:  # fp16: the scaler skips a step with inf/NaN gradients
+                self.scheduler.step()
+        # else the judge failed on every query of the step (lsr_on_error=skip_query): no signal, so no update
+        # at all (AdamW's weight decay and the schedule would still move on a zero gradient)
+        self.optimizer.zero_grad(set_to_none=True)
         staleness = {"index_staleness": self.step + 1 - self.index_step, "index_drift": self.last_drift} \
             if c.mode == "both_towers" else {"index_staleness": 0}
         return {**step_row(total, args=c), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
