@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: summary[k] for k in ("steps", "wall_time_s", "lsr", "estimator", "K")}))
         for name in (f"recall@{args.candidates}", "ndcg@10"):
             if name in after:
-                print(f"{name}: {before.get(name, float('nan')):.4f} -> {after[name]:.4f}")
+                p = (after.get("p_value") or {}).get(name)
+                test = f" (p = {p:.4f}, paired randomisation test over {after['queries']} {after['split']} queries)" \
+                    if p is not None else ""
+                print(f"{name}: {before.get(name, float('nan')):.4f} -> {after[name]:.4f}{test}")
         print(f"run folder: {args.output_dir}")
     return 0
 

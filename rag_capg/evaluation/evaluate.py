@@ -127,12 +127,16 @@ def dense_run(model, corpus, queries, *, depth: int, similarity: str, batch_size
 
 
 @torch.no_grad()
-def evaluate_index(model, doc_emb, queries, corpus, *, k: int, similarity: str, batch_size: int) -> dict:
+def evaluate_index(model, doc_emb, queries, corpus, *, k: int, similarity: str, batch_size: int,
+                   per_query: dict | None = None) -> dict:
     """ESR quality on a labelled split against a given index: Recall@K (K = the candidate-list size: does the
-    relevant passage reach the LSR?) and nDCG@10 of the deterministic top-K (trec_eval conventions)."""
+    relevant passage reach the LSR?) and nDCG@10 of the deterministic top-K (trec_eval conventions). The
+    per-query values go into ``per_query`` ({metric: {qid: value}}) when it is given."""
     run = dense_run(model, corpus, queries, depth=max(k, 10), similarity=similarity, batch_size=batch_size,
                     doc_emb=doc_emb)
-    res = M.evaluate_run(run, queries.qrels, [f"recall@{k}", "ndcg@10"])
+    res, values = M.evaluate_run(run, queries.qrels, [f"recall@{k}", "ndcg@10"], return_per_query=True)
+    if per_query is not None:
+        per_query.update(values)
     return {**{m: round(v, 6) for m, v in res.items()}, "queries": len(queries)}
 
 

@@ -181,6 +181,7 @@ class CAPGTrainer:
         self.logger = RunLogger(self.out, self.accelerator, report_to=c.report_to, progress=c.progress,
                                 eval_split=None if self.eval_q is None else self.eval_q.split, k=c.candidates)
         self.dev_labels = "qrels" if self.dev_q is not None and self.dev_q.labelled else "judge"
+        self.eval_start_per_query: dict = {}  # the starting model's per-query eval metrics (paired test)
 
     # ------------------------------------------------------------------------------------------ the index
     def encode_index(self, model, *, cache: bool) -> torch.Tensor:
@@ -317,15 +318,21 @@ class CAPGTrainer:
         from accelerate.utils import broadcast_object_list
 
         from rag_capg.evaluation.evaluate import evaluate_index
+        from rag_capg.evaluation.metrics import paired_test
 
         c = self.args
         if c.mode == "both_towers" and self.index_step != self.step:  # evaluate against a fresh index
             self.doc_emb, self.index_step = self.encode_index(self.model, cache=False), self.step
-        row = [None]
+        row, values = [None], {}
         if self.accelerator.is_main_process:
             row[0] = {"step": self.step, "split": queries.split,
                       **evaluate_index(self.model, self.doc_emb, queries, self.corpus, k=c.candidates,
-                                       similarity=self.similarity, batch_size=c.encode_batch_size)}
+                                       similarity=self.similarity, batch_size=c.encode_batch_size, per_query=values)}
+            if queries is self.eval_q and self.step == 0:  # the reference of the paired test at the end
+                self.eval_start_per_query = values
+            if queries is self.eval_q and self.eval_start_per_query and self.step > 0:
+                row[0]["p_value"] = {m: round(paired_test(self.eval_start_per_query[m], v), 6)
+                                     for m, v in values.items()}
         if self.accelerator.num_processes > 1:
             broadcast_object_list(row)
         self.logger.log_eval(row[0])

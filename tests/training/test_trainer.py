@@ -115,6 +115,9 @@ def test_training_improves_the_ranking_it_is_rewarded_for(tmp_path, tiny_bi_enco
                  learning_rate=3e-3, group_size=4, baseline="group_min_shift", tau=0.05)
     summary = train(cfg)
     assert summary["eval_after"]["ndcg@10"] > summary["eval_before"]["ndcg@10"] + 0.05
+    # the end's row carries the paired test against the starting model on the same queries
+    assert set(summary["eval_after"]["p_value"]) == {"ndcg@10", "recall@5"}
+    assert 0 < summary["eval_after"]["p_value"]["ndcg@10"] < 0.5
 
 
 @pytest.mark.parametrize("extra", [{"mode": "both_towers", "reindex_every": 2, "estimator": "capg"},
