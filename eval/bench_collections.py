@@ -158,9 +158,10 @@ def claim(path: Path) -> bool:
     return True
 
 
-def load_records(phase: str) -> list[dict]:
+def load_records_from(folder: Path) -> list[dict]:
+    """The finished job records in ``folder`` (placeholders of running jobs skipped)."""
     records = []
-    for p in sorted((OUT / phase).glob("*.json")):
+    for p in sorted(folder.glob("*.json")):
         try:
             r = json.loads(p.read_text())
         except json.JSONDecodeError:
@@ -175,7 +176,7 @@ def table(phase: str, tag_filter: set[str] | None = None) -> str:
     worse / better than zero-shot (paired randomisation test per seed)."""
     from rag_capg.evaluation.metrics import paired_test
 
-    records = load_records(phase)
+    records = load_records_from(OUT / phase)
     zero = {r["collection"]: r for r in records if r["config"] == "zeroshot"}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -217,13 +218,14 @@ def table(phase: str, tag_filter: set[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(text: str, command: str) -> None:
+def write_results(text: str, command: str, mark: tuple[str, str] = MARK) -> None:
+    """Put ``text`` (and the command that made it) into eval/RESULTS.md between the ``mark`` lines."""
     path = ROOT / "eval" / "RESULTS.md"
     body = path.read_text(encoding="utf-8")
-    block = f"{MARK[0]}\n\n    {command}\n\n{text}\n{MARK[1]}"
-    if MARK[0] in body:
-        head, rest = body.split(MARK[0], 1)
-        body = head + block + rest.split(MARK[1], 1)[1]
+    block = f"{mark[0]}\n\n    {command}\n\n{text}\n{mark[1]}"
+    if mark[0] in body:
+        head, rest = body.split(mark[0], 1)
+        body = head + block + rest.split(mark[1], 1)[1]
     else:
         body += "\n" + block + "\n"
     path.write_text(body, encoding="utf-8")

@@ -197,8 +197,8 @@ def test_03_resume_refuses_other_run_defining_options(tmp_path, checkpointed_run
     options = copy_run(checkpointed_run, tmp_path)
     saved = (Path(options["output_dir"]) / "config.yaml").read_text()
     with pytest.raises(InputError) as err:
-        train({**options, "resume": True, "seed": 99, "estimator": "top1", "batch_size": 2, "candidates": 3})
-    for change in ("seed: 7 -> 99", "estimator: 'capg' -> 'top1'", "batch_size: 4 -> 2", "candidates: 5 -> 3"):
+        train({**options, "resume": True, "seed": 99, "estimator": "capg", "batch_size": 2, "candidates": 3})
+    for change in ("seed: 7 -> 99", "estimator: 'top1' -> 'capg'", "batch_size: 4 -> 2", "candidates: 5 -> 3"):
         assert change in str(err.value)
     assert (Path(options["output_dir"]) / "config.yaml").read_text() == saved  # nothing rewritten
 

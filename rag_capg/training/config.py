@@ -19,7 +19,6 @@ from rag_capg.judges.rewards import PickPolicy, RewardMapping
 from rag_capg.pg.estimators import Estimator
 from rag_capg.retrieval.inputs import RetrieverArguments
 
-MIN_STEPS = 20  # the fewest steps a run set by epochs makes (a few dozen queries are one or two steps an epoch)
 SchedulerName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                         "constant_with_warmup"]
 Tracker = Literal["none", "all", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml",
@@ -109,9 +108,7 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "keep the encoder's dropout on while training. Off by default: the policy that samples the list "
         "is then exactly the one whose log-probability is differentiated")})
     seed: int = field(default=42, metadata={"help": "seed for data order, Gumbel noise and LSR sampling"})
-    epochs: int = field(default=8, metadata={"help": (
-        "passes over the training queries, if max_steps is unset; at least MIN_STEPS (20) steps in all, so that a "
-        "few dozen queries still get a run the dev choice can pick from")})
+    epochs: int = field(default=8, metadata={"help": "passes over the training queries (if max_steps is unset)"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
 
     # ---- choosing the model to ship, evaluation, checkpoints, logging -------------------------------------
@@ -120,6 +117,10 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "final/, the starting model included; with labels the dev queries' own qrels, without labels the "
         "judge's favourites among the starting model's candidates (0 = no hold-out: final/ is the last step)")})
     dev_max_queries: int | None = field(default=200, metadata={"help": "at most this many dev queries"})
+    dev_alpha: float = field(default=0.1, metadata={"help": (
+        "ship a trained checkpoint only if it beats the starting model on the dev queries with a p-value below "
+        "this (paired randomisation test over the dev queries); otherwise final/ is the starting model. A few "
+        "dozen dev queries rarely show a real gain apart from noise; 1 = ship the best on dev whatever its margin")})
     dev_seed: int = field(default=0, metadata={"help": (
         "seed of the dev hold-out (a query's side depends only on this seed and its id)")})
     dev_judge_top: int = field(default=5, metadata={"help": (
@@ -165,6 +166,8 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "beta"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 bad(name, f"must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 < self.dev_alpha <= 1:
+            bad("dev_alpha", f"must lie in (0, 1], got {self.dev_alpha}")
         if not 0 <= self.dev_fraction < 1:
             bad("dev_fraction", f"must lie in [0, 1), got {self.dev_fraction}")
         if self.dev_judge_top < 1:

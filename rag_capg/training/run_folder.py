@@ -47,7 +47,8 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "eval_before", "cache_dir", "encode_batch_size", "lsr_batch_size", "lsr_on_error", "lsr_timeout"})
 # What a run writes into its folder; any of them makes the folder "used".
 RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.jsonl", "run_summary.json", "curves.png",
-                 "best.json", "best", "final", "checkpoints", "tensorboard", "dev_qrels.json")
+                 "best.json", "best", "final", "checkpoints", "tensorboard", "dev_qrels.json",
+                 "dev_per_query.json")
 LOCK_NAME = ".lock"
 
 _HELD: dict[str, "_Lock"] = {}  # locks this process holds, by resolved folder

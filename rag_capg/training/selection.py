@@ -54,3 +54,19 @@ def judge_pseudo_qrels(dev: QuerySet, run: dict[str, dict[str, float]], corpus, 
         top = s.topk(min(num_relevant, len(pool))).indices.tolist()
         qrels[qid] = {pool[j]: num_relevant - r for r, j in enumerate(top)}
     return qrels
+
+
+def shipped_step(best_step: int, start: dict[str, float], best: dict[str, float], alpha: float) -> tuple[int, float]:
+    """The step whose weights final/ holds, and the p-value that decided it.
+
+    The best checkpoint on dev ships only if its per-query dev metric beats the starting model's with a
+    paired randomisation test p-value below ``alpha``: on a few dozen dev queries the best of ten noisy
+    evaluations is better than the start by chance alone, and shipping it would be silent harm. Otherwise
+    (and when the best is the start itself) step 0 ships.
+    """
+    from rag_capg.evaluation.metrics import paired_test
+
+    if best_step == 0 or not start or set(start) != set(best):
+        return 0, 1.0
+    p_value = paired_test(start, best)
+    return (best_step if p_value < alpha else 0), p_value

@@ -18,6 +18,7 @@ optimizer / scheduler state and the step counter.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import time
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rag_capg.errors import InputError
+from rag_capg.evaluation.metrics import paired_test
+from rag_capg.io import write_json
 from rag_capg.judges.build import as_cached_judge
 from rag_capg.pg.estimators import surrogate_loss
 from rag_capg.pg.policy import deterministic_top_k, kl_to_reference
@@ -55,11 +58,11 @@ from rag_capg.training.checkpoints import (
     save_checkpoint,
     seed_everything,
 )
-from rag_capg.training.config import MIN_STEPS, CAPGConfig
+from rag_capg.training.config import CAPGConfig
 from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, noise_generator, rollout
 from rag_capg.training.run_folder import RunFolder
 from rag_capg.training.run_logger import RunLogger
-from rag_capg.training.selection import split_dev
+from rag_capg.training.selection import shipped_step, split_dev
 from rag_capg.training.step_log import SUMMED, step_row, step_sums
 
 
@@ -131,7 +134,7 @@ class CAPGTrainer:
             raise InputError(f"{c.batch_size} exceeds the {len(self.train_q)} training queries of split "
                              f"{self.train_q.split!r}", field="batch_size")
         self.steps_per_epoch = len(self.train_q) // c.batch_size
-        self.total_steps = c.max_steps or max(c.epochs * self.steps_per_epoch, MIN_STEPS)
+        self.total_steps = c.max_steps or c.epochs * self.steps_per_epoch
         self.eval_every = c.eval_every if c.eval_every is not None else max(1, self.total_steps // 10)
         # 2. the early-stage ranker and its document index -------------------------------------------------
         dev = self.accelerator.device
@@ -156,6 +159,8 @@ class CAPGTrainer:
         self.model.train(c.dropout)
         freeze_unused_parameters(self.model, ("query",) if c.mode == "query_tower" else ("query", "document"))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # the starting weights, kept to ship unchanged when training does not beat them (finish_selection)
+        self.start_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.ref_query_emb = self.ref_doc_emb = None
         if c.beta > 0:  # the initial policy: its query embeddings, cached, against the initial index
             self.ref_query_emb = encode_queries(self.model, self.train_q.texts, batch_size=c.encode_batch_size,
@@ -182,6 +187,7 @@ class CAPGTrainer:
                                 eval_split=None if self.eval_q is None else self.eval_q.split, k=c.candidates)
         self.dev_labels = "qrels" if self.dev_q is not None and self.dev_q.labelled else "judge"
         self.eval_start_per_query: dict = {}  # the starting model's per-query eval metrics (paired test)
+        self.dev_values: dict = {}  # per-query dev metric of the start and of the best checkpoint
 
     # ------------------------------------------------------------------------------------------ the index
     def encode_index(self, model, *, cache: bool) -> torch.Tensor:
@@ -312,18 +318,17 @@ class CAPGTrainer:
                 **staleness}
 
     # ------------------------------------------------------------------------------------------ eval
-    def evaluate_split(self, queries) -> dict:
+    def evaluate_split(self, queries, *, per_query: dict | None = None) -> dict:
         """ESR Recall@K and nDCG@10 of the deterministic top-K on ``queries`` (one process evaluates, the row is
         broadcast), logged to eval.jsonl."""
         from accelerate.utils import broadcast_object_list
 
         from rag_capg.evaluation.evaluate import evaluate_index
-        from rag_capg.evaluation.metrics import paired_test
 
         c = self.args
         if c.mode == "both_towers" and self.index_step != self.step:  # evaluate against a fresh index
             self.doc_emb, self.index_step = self.encode_index(self.model, cache=False), self.step
-        row, values = [None], {}
+        row, values = [None], per_query if per_query is not None else {}
         if self.accelerator.is_main_process:
             row[0] = {"step": self.step, "split": queries.split,
                       **evaluate_index(self.model, self.doc_emb, queries, self.corpus, k=c.candidates,
@@ -333,8 +338,11 @@ class CAPGTrainer:
             if queries is self.eval_q and self.eval_start_per_query and self.step > 0:
                 row[0]["p_value"] = {m: round(paired_test(self.eval_start_per_query[m], v), 6)
                                      for m, v in values.items()}
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(row)
+        if self.accelerator.num_processes > 1:  # every process chooses the checkpoint from the same values
+            shared = [row[0], dict(values)]
+            broadcast_object_list(shared)
+            row[0] = shared[0]
+            values.update(shared[1])
         self.logger.log_eval(row[0])
         return row[0]
 
@@ -344,21 +352,24 @@ class CAPGTrainer:
         Returns the eval split's row."""
         c = self.args
         if self.dev_q is not None:
-            row = self.evaluate_split(self.dev_q)
-            metric = row["ndcg@10"] if c.metric_for_best == "ndcg@10" else row[f"recall@{c.candidates}"]
+            values: dict = {}
+            row = self.evaluate_split(self.dev_q, per_query=values)
+            metric = row[self._metric_key()]
+            if self.step == 0:
+                self.dev_values["start"] = values.get(self._metric_key())
             if self.best["metric"] is None or metric > self.best["metric"]:
                 self.best = {"metric": metric, "step": self.step, "name": c.metric_for_best, "split": "dev",
                              "labels": self.dev_labels, "queries": len(self.dev_q)}
+                self.dev_values["best"] = values.get(self._metric_key())
                 save_best(self.out, shippable(self.model), self.best, self.accelerator)
+                if self.accelerator.is_main_process:  # a resumed run tests the same values at its end
+                    write_json(self.out / "dev_per_query.json", self.dev_values)
         return None if self.eval_q is None or not eval_split else self.evaluate_split(self.eval_q)
 
     def label_dev_with_judge(self) -> None:
         """Without labels: the judge's favourites among the starting model's top 2K become the dev qrels,
         once per run (kept in dev_qrels.json, so a resumed run chooses on the same labels)."""
-        import json
-
         from rag_capg.evaluation.evaluate import dense_run
-        from rag_capg.io import write_json
         from rag_capg.training.selection import judge_pseudo_qrels
 
         path = self.out / "dev_qrels.json"
@@ -390,12 +401,14 @@ class CAPGTrainer:
             state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, acc.scaler)
             self.step, self.best, self.index_step = state["step"], state["best"], state["index_step"]
             self.run_folder.restore(state)
+            if (self.out / "dev_per_query.json").is_file():  # the start's and the best's dev values so far
+                self.dev_values = json.loads((self.out / "dev_per_query.json").read_text(encoding="utf-8"))
             if state.get("index") is not None:
                 self.doc_emb = state["index"].to(acc.device)
             resumed_from = str(ckpt)
         else:  # from step 0 (a run killed before its first checkpoint too): no earlier choice may leak in
             if acc.is_main_process:
-                for stale in ("best", "best.json", "dev_qrels.json"):
+                for stale in ("best", "best.json", "dev_qrels.json", "dev_per_query.json"):
                     path = self.out / stale
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             acc.wait_for_everyone()
@@ -453,33 +466,40 @@ class CAPGTrainer:
                               "reason": "no dev hold-out (dev_fraction=0 or too few training queries)"}}
         if self.step > 0:  # the loop evaluates every eval_every steps but never at the last one
             self.evaluate(eval_split=False)
-        best_step = self.best["step"]
-        if best_step != self.step:  # the chosen model, as saved (the index follows in both_towers mode)
+        best_step, name = self.best["step"], c.metric_for_best
+        start = self.dev_values.get("start") or {}
+        shipped, p_value = shipped_step(best_step, start, self.dev_values.get("best") or {}, c.dev_alpha)
+        if shipped == 0:  # the starting weights, unchanged
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in self.start_state:
+                        p.copy_(self.start_state[n])
+            self.index_step = -1 if self.step else self.index_step
+        elif shipped != self.step:  # the chosen checkpoint, as saved (the index follows in both_towers mode)
             from sentence_transformers import SentenceTransformer
 
             self.accelerator.wait_for_everyone()
             self.model = SentenceTransformer(str(self.out / "best"), device=str(self.accelerator.device))
             self.index_step = -1
         after = self.evaluate_split(self.eval_q) if self.eval_q is not None else None
-        name = c.metric_for_best
-        start = next((r for r in self._dev_rows() if r["step"] == 0), None)
+        dev_start = sum(start.values()) / len(start) if start else None
         selection = {"dev_queries": len(self.dev_q), "dev_labels": self.dev_labels, "dev_seed": c.dev_seed,
-                     "dev_fraction": c.dev_fraction, "shipped_step": best_step, "metric": name,
-                     "dev_start": None if start is None else start.get(self._metric_key()),
-                     "dev_shipped": self.best["metric"], "improved": best_step != 0}
+                     "dev_fraction": c.dev_fraction, "metric": name, "dev_start": dev_start,
+                     "best_step": best_step, "dev_best": self.best["metric"], "p_value": round(p_value, 6),
+                     "dev_alpha": c.dev_alpha, "shipped_step": shipped, "improved": shipped != 0}
         message = None
         if best_step == 0:
             message = (f"Training never beat the starting model on the {len(self.dev_q)} dev queries ({name} "
                        f"{self.best['metric']:.4f} at step 0): final/ is the starting model, unchanged.")
+        elif shipped == 0:
+            message = (f"The best checkpoint (step {best_step}, dev {name} {self.best['metric']:.4f} against "
+                       f"{dev_start:.4f} at the start) was not significantly better on the {len(self.dev_q)} dev "
+                       f"queries (p = {p_value:.3f} >= dev_alpha {c.dev_alpha}): final/ is the starting model, "
+                       "unchanged.")
         return after, {"selection": selection, **({"message": message} if message else {})}
 
     def _metric_key(self) -> str:
         return "ndcg@10" if self.args.metric_for_best == "ndcg@10" else f"recall@{self.args.candidates}"
-
-    def _dev_rows(self) -> list[dict]:
-        from rag_capg.io import read_log_rows
-
-        return [r for r in read_log_rows(self.out / "eval.jsonl") if r.get("split") == "dev"]
 
     def save_final(self, summary: dict) -> None:
         from rag_capg.io import atomic_dir, write_json

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 from pathlib import Path
 
 import torch
 
 from rag_capg.retrieval.data import QuerySet, load_corpus, load_queries
-from rag_capg.training.selection import judge_pseudo_qrels, split_dev
+from rag_capg.training.selection import judge_pseudo_qrels, shipped_step, split_dev
 from tests.training.test_trainer import config, train, weights
 
 
@@ -95,3 +96,19 @@ def test_without_labels_the_dev_queries_are_labelled_by_the_judge(tmp_path, tiny
     text_of, q = dict(zip(corpus.ids, corpus.texts)), dev_ids[0]
     overlap = counting_judge([q], [unlabelled[q]], [list(qrels[q])], [[text_of[d] for d in qrels[q]]])[0]
     assert min(overlap) >= 1  # the tiny corpus has overlapping passages for every query
+
+
+def test_the_best_checkpoint_ships_only_if_its_dev_gain_is_significant():
+    from rag_capg.evaluation.metrics import paired_test
+
+    rng = random.Random(0)
+    start = {f"q{i}": rng.random() for i in range(40)}
+    clear = {q: v + 0.2 for q, v in start.items()}  # every dev query better
+    noisy = {q: v + (0.31 if i % 2 else -0.3) for i, (q, v) in enumerate(start.items())}  # better on the mean
+    assert statistics.mean(noisy.values()) > statistics.mean(start.values())
+    step, p = shipped_step(120, start, clear, alpha=0.1)
+    assert step == 120 and p == paired_test(start, clear) < 0.001
+    step, p = shipped_step(120, start, noisy, alpha=0.1)
+    assert step == 0 and p == paired_test(start, noisy) >= 0.1
+    assert shipped_step(120, start, noisy, alpha=1.0)[0] == 120  # alpha 1: the best on dev, whatever its margin
+    assert shipped_step(0, start, start, alpha=1.0) == (0, 1.0)  # the start was the best
