@@ -78,6 +78,9 @@ class BaselinesConfig:
         "candidates: the base model's top-N per train query (CA-PG's K=20)")})
     tau: float = field(default=0.05, metadata={"help": (
         "KL: softmax temperature on both sides (student cosine / tau, LSR score / tau), CA-PG's tau")})
+    teacher_temperature: float | None = field(default=None, metadata={"help": (
+        "KL: temperature of the LSR scores instead of tau; ~1 for scores in standard deviations (lsr=ensemble, "
+        "bm25), where tau = 0.05 would make the teacher's softmax one-hot")})
     max_train_queries: int | None = field(default=None, metadata={"help": "train on the first N queries only"})
     bm25_method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = field(default="lucene", metadata={
         "help": "bm25s scoring variant"})
@@ -252,7 +255,7 @@ def make_loss(method: str, model, config: BaselinesConfig):
             return pairwise_cos_sim(a, b) / tau
 
         return losses.DistillKLDivLoss(model, similarity_fct=cosine_over_tau, student_temperature=1.0,
-                                       teacher_temperature=tau)
+                                       teacher_temperature=config.teacher_temperature or tau)
     # MarginMSE: (cos(q, p) - cos(q, n) - label)^2, the student's cosine margin against the LSR's margin
     # (MiniLM normalises, so its dot product is the cosine); labels in the LSR's own units.
     return losses.MarginMSELoss(model)

@@ -15,7 +15,8 @@ Labels are used only to score the test split. Rows, per collection:
                      by the judge), one job per seed
   distill_kl         sentence-transformers' DistillKLDivLoss, and MarginMSELoss, from the same judge's scores
   margin_mse         on groups of 4 passages drawn from the base model's top-20 per train query (at most a
-                     quarter of CA-PG's judge calls), 1 epoch, both towers, lr 2e-5 (eval/baselines.py)
+                     quarter of CA-PG's judge calls), 1 epoch, both towers, lr 2e-5 (eval/baselines.py);
+                     KL: student cosine / 0.05 against judge z-scores / 1 (they are in standard deviations)
 
 Columns: first stage (ESR nDCG@10 and Recall@20 of the model's own ranking) and two stage (the same judge
 reranking the model's top-20, nDCG@10); mean and range over seeds; per seed a paired randomisation test
@@ -151,6 +152,7 @@ def run_job(collection: str, method: str, estimator: str | None, seed: int, over
 
         train_q = data.load_train_queries(corpus, require_labels=False)
         config = bl.BaselinesConfig(dataset=data.dataset, cache_dir=bc.CACHE, seed=seed, tau=0.05,
+                                    teacher_temperature=1.0,
                                     output_dir=str(path.with_suffix("")), methods=[], evaluate=False)
         candidates = bl.mine_candidates(load_encoder(bc.MODEL), corpus, train_q, config)
         rng = random.Random(seed)
