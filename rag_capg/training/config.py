@@ -124,8 +124,11 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
     dev_seed: int = field(default=0, metadata={"help": (
         "seed of the dev hold-out (a query's side depends only on this seed and its id)")})
     dev_judge_top: int = field(default=5, metadata={"help": (
-        "without labels: the judge's top-N of the starting model's top 2K passages count as a dev query's "
-        "relevant ones")})
+        "without labels: the judge's top-N of the starting model's top dev_judge_depth passages count as a dev "
+        "query's relevant ones")})
+    dev_judge_depth: int | None = field(default=None, metadata={"help": (
+        "without labels: how deep in the starting model's ranking the judge looks for them (None = 2K). The "
+        "deeper, the less the labels favour the start's own top K, at dev queries x depth judge calls, once")})
     eval_every: int | None = field(default=None, metadata={"help": (
         "evaluate (dev and eval split) every N steps; null = 10 times over the run; 0 = before and after only")})
     eval_before: bool = field(default=True, metadata={"help": "evaluate the initial model at step 0"})
@@ -172,6 +175,8 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
             bad("dev_fraction", f"must lie in [0, 1), got {self.dev_fraction}")
         if self.dev_judge_top < 1:
             bad("dev_judge_top", f"must be >= 1, got {self.dev_judge_top}")
+        if self.dev_judge_depth is not None and self.dev_judge_depth < self.dev_judge_top:
+            bad("dev_judge_depth", f"must be >= dev_judge_top ({self.dev_judge_top}), got {self.dev_judge_depth}")
         if not 0 <= self.warmup_ratio <= 1:
             bad("warmup_ratio", f"must lie in [0, 1], got {self.warmup_ratio}")
         if self.num_picks > self.candidates:

@@ -367,8 +367,8 @@ class CAPGTrainer:
         return None if self.eval_q is None or not eval_split else self.evaluate_split(self.eval_q)
 
     def label_dev_with_judge(self) -> None:
-        """Without labels: the judge's favourites among the starting model's top 2K become the dev qrels,
-        once per run (kept in dev_qrels.json, so a resumed run chooses on the same labels)."""
+        """Without labels: the judge's favourites among the starting model's top dev_judge_depth (2K) become the
+        dev qrels, once per run (kept in dev_qrels.json, so a resumed run chooses on the same labels)."""
         from rag_capg.evaluation.evaluate import dense_run
         from rag_capg.training.selection import judge_pseudo_qrels
 
@@ -376,7 +376,8 @@ class CAPGTrainer:
         if path.is_file():
             qrels = json.loads(path.read_text(encoding="utf-8"))
         else:
-            run = dense_run(self.model, self.corpus, self.dev_q, depth=min(2 * self.args.candidates, len(self.corpus)),
+            depth = self.args.dev_judge_depth or 2 * self.args.candidates
+            run = dense_run(self.model, self.corpus, self.dev_q, depth=min(depth, len(self.corpus)),
                             similarity=self.similarity, batch_size=self.args.encode_batch_size, doc_emb=self.doc_emb)
             qrels = judge_pseudo_qrels(self.dev_q, run, self.corpus, self.judge, num_relevant=self.args.dev_judge_top)
             if self.accelerator.is_main_process:

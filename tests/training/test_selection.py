@@ -96,6 +96,15 @@ def test_without_labels_the_dev_queries_are_labelled_by_the_judge(tmp_path, tiny
     text_of, q = dict(zip(corpus.ids, corpus.texts)), dev_ids[0]
     overlap = counting_judge([q], [unlabelled[q]], [list(qrels[q])], [[text_of[d] for d in qrels[q]]])[0]
     assert min(overlap) >= 1  # the tiny corpus has overlapping passages for every query
+    # dev_judge_depth = the whole corpus: the labels are the judge's top 2 of all 30 passages (brute force)
+    deep = CAPGConfig(**{**args.__dict__, "output_dir": str(tmp_path / "deep"), "dev_judge_depth": len(corpus)})
+    CAPGTrainer(model=str(tiny_bi_encoder_path), judge=counting_judge, args=deep, corpus=corpus,
+                train_dataset=unlabelled).train()
+    deep_qrels = json.loads((tmp_path / "deep" / "dev_qrels.json").read_text())
+    for q in dev_ids:
+        scores = counting_judge([q], [unlabelled[q]], [corpus.ids], [corpus.texts])[0]
+        best = sorted(range(len(scores)), key=lambda j: -scores[j])
+        assert min(scores[corpus.index_of[d]] for d in deep_qrels[q]) == scores[best[1]]  # ties: any of them
 
 
 def test_the_best_checkpoint_ships_only_if_its_dev_gain_is_significant():
