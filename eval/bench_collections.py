@@ -231,19 +231,15 @@ def write_results(text: str, command: str, mark: tuple[str, str] = MARK) -> None
     path.write_text(body, encoding="utf-8")
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["dev", "test"], default="test")
-    ap.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=COLLECTIONS)
-    ap.add_argument("--configs", nargs="+", default=["recipe", "default"], choices=["recipe", "default"])
-    ap.add_argument("--estimators", nargs="+", default=["top1", "capg", "capg_exact"])
+def parse_common(ap: argparse.ArgumentParser, argv: list[str], what_set: str) -> tuple[argparse.Namespace, dict]:
+    """The options both benchmarks share (seeds, variant overrides and their tag, threads, output), parsed;
+    torch's CPU threads set; the overrides as {key: YAML value}."""
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="CAPGConfig overrides")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=what_set)
     ap.add_argument("--tag", default="", help="name of this variant (required with --set)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--write-results", action="store_true")
-    ap.add_argument("--only", nargs="*", default=None, help="table: only these config labels")
     args = ap.parse_args(argv)
     if args.set and not args.tag:
         ap.error("--set needs --tag")
@@ -251,7 +247,17 @@ def main(argv: list[str]) -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
-    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    return args, {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", choices=["dev", "test"], default="test")
+    ap.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=COLLECTIONS)
+    ap.add_argument("--configs", nargs="+", default=["recipe", "default"], choices=["recipe", "default"])
+    ap.add_argument("--estimators", nargs="+", default=["top1", "capg", "capg_exact"])
+    ap.add_argument("--only", nargs="*", default=None, help="table: only these config labels")
+    args, overrides = parse_common(ap, argv, "CAPGConfig overrides")
     if not args.table_only:
         jobs = [(c, "zeroshot", None, 0) for c in args.collections] + [
             (c, cfg, est, s) for s in args.seeds for c in args.collections for cfg in args.configs

@@ -212,20 +212,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--collections", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--estimators", nargs="+", default=["top1", "capg_exact"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the recipe")
-    ap.add_argument("--tag", default="", help="name of this variant (required with --set)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--table-only", action="store_true")
-    ap.add_argument("--write-results", action="store_true")
-    args = ap.parse_args(argv)
-    if args.set and not args.tag:
-        ap.error("--set needs --tag")
-    import torch
-    import yaml
-
-    torch.set_num_threads(args.threads)
-    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    args, overrides = bc.parse_common(ap, argv, "overrides of the recipe")
     if not args.table_only:
         jobs = []
         for coll in args.collections:
