@@ -509,6 +509,12 @@ class CAPGTrainer:
             with atomic_dir(self.out / "final") as tmp:
                 shippable(self.model).save(str(tmp))
             write_json(self.out / "run_summary.json", summary)
+            sel = summary.get("selection") or {}
+            if sel.get("dev_queries"):  # best.json names what final/ holds, which the dev_alpha gate may make the start
+                shipped = sel["shipped_step"]
+                write_json(self.out / "best.json", {
+                    **self.best, "step": shipped, "metric": sel["dev_best"] if shipped else sel["dev_start"],
+                    "best_step": sel["best_step"], "p_value": sel["p_value"], "dev_alpha": sel["dev_alpha"]})
             shutil.rmtree(self.out / "best", ignore_errors=True)  # it is final/ now: one folder to ship
         self.logger.finish()
         self.accelerator.wait_for_everyone()

@@ -74,6 +74,7 @@ def test_a_run_that_never_beats_its_start_ships_the_start(tmp_path, tiny_bi_enco
     final = weights(run / "final")
     assert all(torch.equal(v, base[k.split("/", 1)[1]]) for k, v in final.items())
     assert not (run / "best").exists()  # one folder to ship
+    assert json.loads((run / "best.json").read_text())["step"] == 0  # and best.json says it is the start
 
 
 def test_without_labels_the_dev_queries_are_labelled_by_the_judge(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
