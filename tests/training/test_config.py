@@ -52,11 +52,14 @@ def test_recipe_then_overrides(tmp_path):
     assert (cfg.candidates, cfg.learning_rate, judge.lsr, cfg.group_size) == (9, 1e-4, "bi_encoder", 3)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "scifact_cpu.yaml", "scifact_gpu.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "scifact_cpu.yaml", "scifact_gpu.yaml", "label_free.yaml"])
 def test_shipped_recipes_parse(name):
-    data, _, cfg = parse_config(GROUPS, [str(RECIPES / name)], prog="t")
+    data, judge, cfg = parse_config(GROUPS, [str(RECIPES / name)], prog="t")
     assert cfg.candidates == 20 and data.model
     assert cfg.mode == ("both_towers" if "gpu" in name else "query_tower")
+    if name == "label_free.yaml":  # a fused judge of BM25 and the starting model, nothing to download
+        assert judge.lsr == "ensemble" and [m["lsr"] for m in judge.lsr_members] == ["bm25", "bi_encoder"]
+        assert data.eval_split == "" and cfg.dev_judge_depth == 100
 
 
 def test_accelerate_configs_exist():
