@@ -226,16 +226,16 @@ def build_demo(options: DemoOptions = DemoOptions(), root: Path | None = None) -
         if per_module[e["module"]] <= options.max_per_module:
             capped.append(e)
     unique = sorted(capped[: options.max_passages], key=lambda e: (e["module"], e["qualname"]))
+    pids = [f"{e['module']}:{e['qualname']}" for e in unique]
     if options.split_by == "package":
-        split = assign_splits([e["module"] for e in unique], options.test_fraction)
-    else:  # a fixed hash of the function's name: the same split on every machine with this Python
-        split = {}
+        side_of_module = assign_splits([e["module"] for e in unique], options.test_fraction)
+        sides = [side_of_module[e["module"]] for e in unique]
+    else:  # a fixed hash of the function's id: the same split on every machine with this Python
+        sides = ["test" if _unit_hash(f"split:{pid}") < options.test_fraction else "train" for pid in pids]
     corpus, queries, qrels = [], [], {"train": [], "test": []}
-    for e in unique:
-        pid = f"{e['module']}:{e['qualname']}"
+    for e, pid, side in zip(unique, pids, sides):
         corpus.append({"_id": pid, "title": f"{e['module']}.{e['qualname']}", "text": e["code"]})
         queries.append({"_id": f"q:{pid}", "text": e["summary"], "module": e["module"]})
-        side = split.get(e["module"]) or ("test" if _unit_hash(f"split:{pid}") < options.test_fraction else "train")
         qrels[side].append((f"q:{pid}", pid, 1))
     return {"corpus": corpus, "queries": queries, "qrels": qrels}
 
