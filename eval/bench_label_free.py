@@ -14,8 +14,9 @@ Labels are used only to score the test split. Rows, per collection:
   capg <estimator>   `rag-capg train label_free` with ignore_train_labels=true (the dev hold-out is labelled
                      by the judge), one job per seed
   distill_kl         sentence-transformers' DistillKLDivLoss, and MarginMSELoss, from the same judge's scores
-  margin_mse         on groups of 4 passages drawn from the base model's top-20 per train query (at most a
-                     quarter of CA-PG's judge calls), 1 epoch, both towers, lr 2e-5 (eval/baselines.py);
+  margin_mse         on groups of 4 passages drawn from the base model's top-20 per train query (far fewer
+                     judge calls than CA-PG: each record holds both counts), 1 epoch, both towers, lr 2e-5
+                     (eval/baselines.py);
                      KL: student cosine / 0.05 against judge z-scores / 1 (they are in standard deviations)
 
 Columns: first stage (ESR nDCG@10 and Recall@20 of the model's own ranking) and two stage (the same judge
@@ -130,9 +131,9 @@ def run_job(collection: str, method: str, estimator: str | None, seed: int, over
     test = load_queries(data.dataset, "test", corpus).head(options.get("max_eval_queries"))
     record = {"collection": collection, "method": method, "estimator": estimator, "seed": seed,
               "overrides": overrides, "eval_queries": len(test)}
-    judge = the_judge(collection, corpus)
     if method == "zeroshot":
-        record["per_query"] = metrics_of(dense(load_encoder(bc.MODEL), corpus, test), judge, corpus, test)
+        record["per_query"] = metrics_of(dense(load_encoder(bc.MODEL), corpus, test), the_judge(collection, corpus),
+                                         corpus, test)
     elif method == "bm25":
         record["per_query"] = metrics_of(bm25_run(corpus, test), None, corpus, test)
     elif method == "capg":
@@ -145,7 +146,8 @@ def run_job(collection: str, method: str, estimator: str | None, seed: int, over
         record["summary"] = {k: summary.get(k) for k in ("steps", "wall_time_s", "selection", "message",
                                                          "lsr_cache", "train_queries")}
         torch.set_grad_enabled(True)
-        record["per_query"] = metrics_of(dense(trainer.model, corpus, test, doc_emb=trainer.doc_emb), judge,
+        # the trainer's judge (behind the same score cache) reranks: no second judge is built
+        record["per_query"] = metrics_of(dense(trainer.model, corpus, test, doc_emb=trainer.doc_emb), trainer.judge,
                                          corpus, test)
     else:  # distill_kl / margin_mse from the same judge's scores
         import baselines as bl
@@ -155,7 +157,7 @@ def run_job(collection: str, method: str, estimator: str | None, seed: int, over
                                     teacher_temperature=1.0,
                                     output_dir=str(path.with_suffix("")), methods=[], evaluate=False)
         candidates = bl.mine_candidates(load_encoder(bc.MODEL), corpus, train_q, config)
-        rng = random.Random(seed)
+        judge, rng = the_judge(collection, corpus), random.Random(seed)
         groups = judge_groups(judge, train_q, candidates, corpus, rng, config.group_size)
         text_of = dict(zip(train_q.ids, train_q.texts))
         passage = lambda pid: corpus.texts[corpus.index_of[pid]]  # noqa: E731
