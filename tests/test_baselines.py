@@ -3,29 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_driver():
-    """eval/ is not a package: import the script by path (registered first, as dataclasses need)."""
-    if "baselines_driver" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("baselines_driver", ROOT / "eval" / "baselines.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["baselines_driver"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["baselines_driver"]
+from tests.conftest import load_eval_script
 
 
 def test_oracle_groups_hold_a_relevant_passage_and_its_grades():
-    driver = load_driver()
+    driver = load_eval_script("baselines")
     queries = type("Q", (), {"ids": ["q1", "q2"], "qrels": {"q1": {"a": 2, "b": 1}, "q2": {"z": 1}}})()
     candidates = [["b", "c", "d", "e"], ["c", "d", "e", "f"]]
     config = driver.BaselinesConfig(dataset="unused", group_size=3, mine_depth=4)
@@ -39,7 +26,7 @@ def test_oracle_groups_hold_a_relevant_passage_and_its_grades():
 @pytest.mark.slow
 def test_driver_trains_every_baseline_and_writes_one_table(tmp_path, tiny_beir_dir, tiny_bi_encoder_path):
     pytest.importorskip("Stemmer")
-    driver = load_driver()
+    driver = load_eval_script("baselines")
     out = tmp_path / "out"
     argv = [f"dataset={tiny_beir_dir}", f"base_model={tiny_bi_encoder_path}", f"teacher_model={tiny_bi_encoder_path}",
             "mine_depth=5", "group_size=3", "batch_size=4", "k=20", "threads=1", f"cache_dir={tmp_path / 'cache'}",

@@ -3,30 +3,17 @@ and the judge-scored groups its distillation baselines train on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_bench():
-    """eval/ is not a package: import the script by path (it imports bench_collections beside it)."""
-    if "bench_label_free" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_label_free", ROOT / "eval" / "bench_label_free.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_label_free"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_label_free"]
+from tests.conftest import load_eval_script
 
 
 def test_table_counts_seeds_significantly_worse_or_better_than_zero_shot(tmp_path, monkeypatch):
-    bench = load_bench()
+    bench = load_eval_script("bench_label_free")
     monkeypatch.setattr(bench, "OUT", tmp_path)
     rng = random.Random(0)
     base = {f"q{i}": rng.random() for i in range(60)}
@@ -52,7 +39,7 @@ def test_table_counts_seeds_significantly_worse_or_better_than_zero_shot(tmp_pat
 def test_judge_groups_hold_the_judges_scores_of_sampled_candidates(tiny_beir_dir):
     from rag_capg.retrieval.data import load_corpus, load_queries
 
-    bench = load_bench()
+    bench = load_eval_script("bench_label_free")
     corpus = load_corpus(str(tiny_beir_dir))
     queries = load_queries(str(tiny_beir_dir), "train", corpus)
     candidates = [corpus.ids[i:i + 20] for i in range(len(queries))]

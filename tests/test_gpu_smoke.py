@@ -3,7 +3,6 @@ per-phase timer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,18 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import load_eval_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "eval" / "gpu_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_phase_times_are_exclusive_of_nested_phases():
-    smoke = load_smoke()
+    smoke = load_eval_script("gpu_smoke")
     phases = smoke.Phases(cuda=False)
     box = type("Box", (), {})()
     box.inner = lambda: time.sleep(0.10)
