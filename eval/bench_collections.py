@@ -106,7 +106,7 @@ def per_query(model, corpus, queries, doc_emb=None) -> dict[str, dict[str, float
     return per_query_scores(run, queries.qrels, list(METRICS))
 
 
-def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -> None:
+def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -> dict:
     import torch
 
     from rag_capg import CAPGConfig, CAPGTrainer
@@ -138,9 +138,7 @@ def run_job(collection, config, estimator, seed, phase, overrides, path: Path) -
         torch.set_grad_enabled(True)
         record["per_query"] = per_query(trainer.model, corpus, evalq, doc_emb=trainer.doc_emb)
     record["wall_s"] = round(time.time() - t0, 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    return record
 
 
 def claim(path: Path) -> bool:
@@ -156,6 +154,20 @@ def claim(path: Path) -> bool:
     os.write(fd, b"{}")
     os.close(fd)
     return True
+
+
+def run_claimed(path: Path, make_record) -> None:
+    """Run one claimed job: ``make_record()`` gives its record, written over the placeholder atomically (a
+    temp file, then a rename); a job that fails or is killed gives its claim back."""
+    print(f"[{time.strftime('%H:%M:%S')}] {path.stem}", flush=True)
+    try:
+        record = make_record()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def load_records_from(folder: Path) -> list[dict]:
@@ -264,17 +276,9 @@ def main(argv: list[str]) -> int:
             for est in args.estimators]
         for coll, cfg, est, seed in jobs:
             path = OUT / args.phase / f"{job_name(coll, cfg, est, seed, args.tag)}.json"
-            if not claim(path):
-                continue
-            print(f"[{time.strftime('%H:%M:%S')}] {path.stem}", flush=True)
-            try:
-                run_job(coll, cfg, est, seed, args.phase, overrides, path)
-                rec = json.loads(path.read_text())
-                rec["tag"] = args.tag
-                path.write_text(json.dumps(rec))
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
+            if claim(path):
+                run_claimed(path, lambda: {**run_job(coll, cfg, est, seed, args.phase, overrides, path),
+                                           "tag": args.tag})
     text = table(args.phase, set(args.only) if args.only else None)
     print(text)
     if args.write_results:

@@ -29,8 +29,6 @@ eval/RESULTS.md between markers.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
 import sys
@@ -228,18 +226,9 @@ def main(argv: list[str]) -> int:
             stem = f"{coll}__{method}" + (f"-{args.tag}" if args.tag and method not in ("zeroshot", "bm25") else "")
             stem += (f"__{est}" if est else "") + ("" if method in ("zeroshot", "bm25") else f"__s{seed}")
             path = OUT / f"{stem}.json"
-            if not bc.claim(path):
-                continue
-            print(f"[{time.strftime('%H:%M:%S')}] {stem}", flush=True)
-            try:
-                record = run_job(coll, method, est, seed, overrides, path)
-                record["tag"] = args.tag if method not in ("zeroshot", "bm25") else ""
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, path)
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
+            tag = args.tag if method not in ("zeroshot", "bm25") else ""
+            if bc.claim(path):
+                bc.run_claimed(path, lambda: {**run_job(coll, method, est, seed, overrides, path), "tag": tag})
     text = table()
     print(text)
     if args.write_results:
