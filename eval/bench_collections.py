@@ -244,8 +244,10 @@ def write_results(text: str, command: str, mark: tuple[str, str] = MARK) -> None
 
 
 def parse_common(ap: argparse.ArgumentParser, argv: list[str], what_set: str) -> tuple[argparse.Namespace, dict]:
-    """The options both benchmarks share (seeds, variant overrides and their tag, threads, output), parsed;
+    """The options both benchmarks share (phase, seeds, variant overrides and their tag, threads, output), parsed;
     torch's CPU threads set; the overrides as {key: YAML value}."""
+    ap.add_argument("--phase", choices=["dev", "test"], default="test",
+                    help="dev: evaluate on a seeded 20%% of the train queries, held out; test: on the test split")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=what_set)
     ap.add_argument("--tag", default="", help="name of this variant (required with --set)")
@@ -255,6 +257,8 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str], what_set: str) ->
     args = ap.parse_args(argv)
     if args.set and not args.tag:
         ap.error("--set needs --tag")
+    if args.write_results and args.phase != "test":
+        ap.error("--write-results writes the test phase's table (RESULTS.md reports test splits)")
     import torch
     import yaml
 
@@ -264,7 +268,6 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str], what_set: str) ->
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["dev", "test"], default="test")
     ap.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=COLLECTIONS)
     ap.add_argument("--configs", nargs="+", default=["recipe", "default"], choices=["recipe", "default"])
     ap.add_argument("--estimators", nargs="+", default=["top1", "capg", "capg_exact"])

@@ -19,16 +19,21 @@ Labels are used only to score the test split. Rows, per collection:
                      (eval/baselines.py);
                      KL: student cosine / 0.05 against judge z-scores / 1 (they are in standard deviations)
 
+Phases, as in bench_collections.py, so that the recipe is not chosen on a test split: `--phase dev` trains on
+80% of the train queries and scores the seeded 20% held out (with their labels: the developer's tuning set,
+never the trainer's); `--phase test` trains on all of them and scores the test split.
+
 Columns: first stage (ESR nDCG@10 and Recall@20 of the model's own ranking) and two stage (the same judge
 reranking the model's top-20, nDCG@10); mean and range over seeds; per seed a paired randomisation test
 against zero-shot on the same queries (p < 0.05: worse / better). Records go to
-outputs/bench_label_free/<job>.json (skipped when present); `--write-results` puts the table into
-eval/RESULTS.md between markers.
+outputs/bench_label_free/<phase>/<job>.json (skipped when present); `--write-results` puts the test table
+into eval/RESULTS.md between markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -111,53 +116,57 @@ def judge_groups(judge, queries, candidates, corpus, rng: random.Random, group_s
     return groups
 
 
-def run_job(collection: str, method: str, estimator: str | None, seed: int, overrides: dict, path: Path) -> dict:
+def run_job(collection: str, method: str, estimator: str | None, seed: int, phase: str, overrides: dict,
+            path: Path) -> dict:
     import shutil
+    from dataclasses import replace
 
     import torch
 
-    from rag_capg.config_parsing import config_from_dict
-    from rag_capg.retrieval.data import load_queries
-    from rag_capg.retrieval.inputs import TrainDataArguments
     from rag_capg.retrieval.retriever import load_encoder
 
     t0 = time.time()
     options = recipe_options(collection, overrides)
-    data = config_from_dict(TrainDataArguments, {k: v for k, v in options.items()
-                                                 if k in TrainDataArguments.__dataclass_fields__})
-    corpus = data.load_corpus()
-    test = load_queries(data.dataset, "test", corpus).head(options.get("max_eval_queries"))
-    record = {"collection": collection, "method": method, "estimator": estimator, "seed": seed,
-              "overrides": overrides, "eval_queries": len(test)}
+    corpus, train, evalq = bc.load_collection(collection, phase)
+    train = replace(train, qrels={})  # no label is used in training (ignore_train_labels)
+    record = {"collection": collection, "method": method, "estimator": estimator, "seed": seed, "phase": phase,
+              "overrides": overrides, "train_queries": len(train), "eval_queries": len(evalq),
+              "eval_split": evalq.split}
     if method == "zeroshot":
-        record["per_query"] = metrics_of(dense(load_encoder(bc.MODEL), corpus, test), the_judge(collection, corpus),
-                                         corpus, test)
+        record["per_query"] = metrics_of(dense(load_encoder(bc.MODEL), corpus, evalq), the_judge(collection, corpus),
+                                         corpus, evalq)
     elif method == "bm25":
-        record["per_query"] = metrics_of(bm25_run(corpus, test), None, corpus, test)
+        record["per_query"] = metrics_of(bm25_run(corpus, evalq), None, corpus, evalq)
     elif method == "capg":
-        from rag_capg.cli.train import GROUPS, build_trainer
+        from rag_capg.cli.train import GROUPS
+        from rag_capg.config_parsing import config_from_dict
+        from rag_capg.training.trainer import CAPGTrainer
 
         shutil.rmtree(path.with_suffix(""), ignore_errors=True)
-        trainer = build_trainer(*config_from_dict(GROUPS, {**options, "estimator": estimator, "seed": seed,
-                                                           "output_dir": str(path.with_suffix(""))}))
+        _, judge_args, args = config_from_dict(GROUPS, {**options, "estimator": estimator, "seed": seed,
+                                                           "output_dir": str(path.with_suffix(""))})
+        # dev phase: the labelled tuning queries are the trainer's eval split, logged beside the judge-labelled
+        # dev curve (what chose the checkpoint) so that the two can be compared; nothing is chosen on them
+        trainer = CAPGTrainer(model=bc.MODEL, judge=judge_args, args=args, corpus=corpus, train_dataset=train,
+                              eval_dataset=evalq if phase == "dev" else None)
         summary = trainer.train()
         record["summary"] = {k: summary.get(k) for k in ("steps", "wall_time_s", "selection", "message",
                                                          "lsr_cache", "train_queries")}
+        record["curve"] = [json.loads(line) for line in (path.with_suffix("") / "eval.jsonl").open()]
         torch.set_grad_enabled(True)
         # the trainer's judge (behind the same score cache) reranks: no second judge is built
-        record["per_query"] = metrics_of(dense(trainer.model, corpus, test, doc_emb=trainer.doc_emb), trainer.judge,
-                                         corpus, test)
+        record["per_query"] = metrics_of(dense(trainer.model, corpus, evalq, doc_emb=trainer.doc_emb), trainer.judge,
+                                         corpus, evalq)
     else:  # distill_kl / margin_mse from the same judge's scores
         import baselines as bl
 
-        train_q = data.load_train_queries(corpus, require_labels=False)
-        config = bl.BaselinesConfig(dataset=data.dataset, cache_dir=bc.CACHE, seed=seed, tau=0.05,
+        config = bl.BaselinesConfig(dataset=DATASETS[collection], cache_dir=bc.CACHE, seed=seed, tau=0.05,
                                     teacher_temperature=1.0,
                                     output_dir=str(path.with_suffix("")), methods=[], evaluate=False)
-        candidates = bl.mine_candidates(load_encoder(bc.MODEL), corpus, train_q, config)
+        candidates = bl.mine_candidates(load_encoder(bc.MODEL), corpus, train, config)
         judge, rng = the_judge(collection, corpus), random.Random(seed)
-        groups = judge_groups(judge, train_q, candidates, corpus, rng, config.group_size)
-        text_of = dict(zip(train_q.ids, train_q.texts))
+        groups = judge_groups(judge, train, candidates, corpus, rng, config.group_size)
+        text_of = dict(zip(train.ids, train.texts))
         passage = lambda pid: corpus.texts[corpus.index_of[pid]]  # noqa: E731
         dataset = bl.kl_dataset(groups, text_of, passage) if method == "distill_kl" else \
             bl.margin_dataset(groups, text_of, passage, rng)
@@ -165,15 +174,15 @@ def run_job(collection: str, method: str, estimator: str | None, seed: int, over
         record["summary"] = bl.train("kl_teacher" if method == "distill_kl" else "margin_mse_teacher", dataset,
                                      config, target)
         record["summary"]["judge_calls"] = len(groups) * config.group_size
-        record["per_query"] = metrics_of(dense(load_encoder(str(target)), corpus, test), judge, corpus, test)
+        record["per_query"] = metrics_of(dense(load_encoder(str(target)), corpus, evalq), judge, corpus, evalq)
     record["wall_s"] = round(time.time() - t0, 1)
     return record
 
 
-def table() -> str:
+def table(phase: str) -> str:
     from rag_capg.evaluation.metrics import paired_test
 
-    records = bc.load_records_from(OUT)
+    records = bc.load_records_from(OUT / phase)
     columns = ("ndcg@10", "recall@20", "two_stage_ndcg@10")
     lines = ["| collection | method | seeds | ESR nDCG@10 | worse / better | ESR Recall@20 | worse / better | "
              "two-stage nDCG@10 | worse / better | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -225,11 +234,12 @@ def main(argv: list[str]) -> int:
         for coll, method, est, seed in dict.fromkeys(jobs):
             stem = f"{coll}__{method}" + (f"-{args.tag}" if args.tag and method not in ("zeroshot", "bm25") else "")
             stem += (f"__{est}" if est else "") + ("" if method in ("zeroshot", "bm25") else f"__s{seed}")
-            path = OUT / f"{stem}.json"
+            path = OUT / args.phase / f"{stem}.json"
             tag = args.tag if method not in ("zeroshot", "bm25") else ""
             if bc.claim(path):
-                bc.run_claimed(path, lambda: {**run_job(coll, method, est, seed, overrides, path), "tag": tag})
-    text = table()
+                bc.run_claimed(path, lambda: {**run_job(coll, method, est, seed, args.phase, overrides, path),
+                                              "tag": tag})
+    text = table(args.phase)
     print(text)
     if args.write_results:
         bc.write_results(text, "python eval/bench_label_free.py " + " ".join(argv), MARK)

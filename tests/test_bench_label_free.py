@@ -15,6 +15,8 @@ from tests.conftest import load_eval_script
 def test_table_counts_seeds_significantly_worse_or_better_than_zero_shot(tmp_path, monkeypatch):
     bench = load_eval_script("bench_label_free")
     monkeypatch.setattr(bench, "OUT", tmp_path)
+    folder = tmp_path / "test"
+    folder.mkdir()
     rng = random.Random(0)
     base = {f"q{i}": rng.random() for i in range(60)}
 
@@ -22,14 +24,14 @@ def test_table_counts_seeds_significantly_worse_or_better_than_zero_shot(tmp_pat
         values = {q: min(1.0, max(0.0, v + shift(i))) for i, (q, v) in enumerate(base.items())}
         rec = {"collection": "scifact", "method": method, "estimator": estimator, "seed": seed, "tag": "",
                "wall_s": 10.0, "per_query": {"ndcg@10": values, "recall@20": values, "two_stage_ndcg@10": values}}
-        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+        (folder / f"{name}.json").write_text(json.dumps(rec))
         return statistics.mean(values.values())
 
     record("scifact__zeroshot", "zeroshot", 0, lambda i: 0.0)
     means = [record("scifact__capg__top1__s0", "capg", 0, lambda i: 0.3, "top1"),  # every query better
              record("scifact__capg__top1__s1", "capg", 1, lambda i: 0.02 * (-1) ** i, "top1")]  # noise
-    (tmp_path / "scifact__capg__top1__s2.json").write_text("{}")  # a job still running: not in the table
-    row = next(line for line in bench.table().splitlines() if "| capg top1 |" in line)
+    (folder / "scifact__capg__top1__s2.json").write_text("{}")  # a job still running: not in the table
+    row = next(line for line in bench.table("test").splitlines() if "| capg top1 |" in line)
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2] == "2"  # seeds
     assert cells[3] == f"{statistics.mean(means):.4f} ({min(means):.3f}-{max(means):.3f})"
