@@ -497,6 +497,11 @@ class CAPGTrainer:
                        f"{dev_start:.4f} at the start) was not significantly better on the {len(self.dev_q)} dev "
                        f"queries (p = {p_value:.3f} >= dev_alpha {c.dev_alpha}): final/ is the starting model, "
                        "unchanged.")
+        elif self.dev_labels == "judge":  # agreement with the judge chose it: a proxy that can rise while quality falls
+            message = (f"final/ is step {shipped}, chosen without labels: on the {len(self.dev_q)} dev queries it "
+                       f"agrees with the judge better than the start did (p = {p_value:.3f}), which is not the same "
+                       "as ranking better. Check it on a few labelled queries before you ship it (README, \"No "
+                       "labels\").")
         return after, {"selection": selection, **({"message": message} if message else {})}
 
     def _metric_key(self) -> str:

@@ -122,3 +122,27 @@ def test_the_best_checkpoint_ships_only_if_its_dev_gain_is_significant():
     assert step == 0 and p == paired_test(start, noisy) >= 0.1
     assert shipped_step(120, start, noisy, alpha=1.0)[0] == 120  # alpha 1: the best on dev, whatever its margin
     assert shipped_step(0, start, start, alpha=1.0) == (0, 1.0)  # the start was the best
+
+
+def variant_two_judge(query_ids, queries, passage_ids, passages):
+    """Word overlap, plus a bonus for 'variant 2' passages: a preference the starting model does not share and
+    the query tower can learn (one direction added to every query)."""
+    return [[len(set(q.lower().split()) & set(p.lower().split())) + 3.0 * ("variant 2" in p) for p in row]
+            for q, row in zip(queries, passages)]
+
+
+def test_a_checkpoint_chosen_on_judge_agreement_ships_with_a_warning(tmp_path, tiny_bi_encoder_path, tiny_beir_dir,
+                                                                       capsys):
+    from rag_capg import CAPGConfig, CAPGTrainer
+
+    corpus = load_corpus(str(tiny_beir_dir))
+    queries = load_queries(str(tiny_beir_dir), "train", corpus)
+    args = CAPGConfig(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), candidates=5,
+                      batch_size=6, max_steps=8, eval_every=2, learning_rate=5e-3, report_to="none", progress=False,
+                      dev_fraction=0.5, dev_max_queries=None, dev_judge_top=1, dev_alpha=1.0)
+    summary = CAPGTrainer(model=str(tiny_bi_encoder_path), judge=variant_two_judge, args=args, corpus=corpus,
+                          train_dataset=dict(zip(queries.ids, queries.texts))).train()
+    sel = summary["selection"]
+    assert sel["dev_labels"] == "judge" and sel["shipped_step"] > 0 and sel["dev_best"] > sel["dev_start"]
+    # agreement with the judge chose it: the run says that this is not the same as ranking better
+    assert "chosen without labels" in summary["message"] and "chosen without labels" in capsys.readouterr().out

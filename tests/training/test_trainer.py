@@ -199,7 +199,10 @@ def test_both_towers_in_gradient_chunks_trains_like_one_pass(tmp_path, tiny_bi_e
     train(b)
     documents = [(n, chunk) for route, n, chunk in seen if route == "document"]
     assert documents and all(chunk == 4 for _, chunk in documents) and max(n for n, _ in documents) > 4
-    assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 1e-5
+    # Adam divides by sqrt(v) + eps, so for a weight whose gradient is near eps the round-off of the chunked
+    # sums moves its update by a sliver of a step: allow 5% of one step (lr 1e-3); a wrong gradient moves many
+    # weights by whole steps
+    assert max_diff(weights(Path(a["output_dir"]) / "final"), weights(Path(b["output_dir"]) / "final")) < 5e-5
 
 
 class FP16Accelerator:
