@@ -121,6 +121,11 @@ class CAPGConfig(RetrieverArguments, JudgeFailureArguments):
         "ship a trained checkpoint only if it beats the starting model on the dev queries with a p-value below "
         "this (paired randomisation test over the dev queries); otherwise final/ is the starting model. A few "
         "dozen dev queries rarely show a real gain apart from noise; 1 = ship the best on dev whatever its margin")})
+    refit: bool = field(default=True, metadata={"help": (
+        "when the dev queries choose a trained checkpoint, train again from the start on all the training "
+        "queries, the dev ones included, for as many epochs as that checkpoint had, and ship the result "
+        "(early stopping's refit: the dev part chooses whether and how long to train, then no query is left "
+        "unused). The refit model is not itself checked on the dev queries; false = ship the checked checkpoint")})
     dev_seed: int = field(default=0, metadata={"help": (
         "seed of the dev hold-out (a query's side depends only on this seed and its id)")})
     dev_judge_top: int = field(default=5, metadata={"help": (

@@ -70,3 +70,47 @@ def shipped_step(best_step: int, start: dict[str, float], best: dict[str, float]
         return 0, 1.0
     p_value = paired_test(start, best)
     return (best_step if p_value < alpha else 0), p_value
+
+
+def refit(trainer, shipped: int) -> tuple[dict | None, dict]:
+    """Train again from the starting weights on all the training queries, the dev part included, for as many
+    epochs as the shipped checkpoint had trained, and make that ``trainer.model`` (what final/ holds).
+
+    The dev part answered two questions: whether training helps at all (the gate of ``shipped_step``) and how
+    long to train. Once they are answered its queries need not stay unused: with 20% of them held out, a
+    SciFact run sees a fifth fewer queries than it could. This is the refit of early stopping (train, choose the
+    length on held-out data, train again on everything for that length); it runs only when the gate passed.
+    The refit model itself is not checked on the dev queries, which it trained on. A nested trainer does the
+    work in ``output_dir/refit`` (its own logs and checkpoints, so a killed refit resumes there); its final/
+    becomes the outer run's. Returns (the eval split's row for the refit model, what run_summary.json records).
+    """
+    import copy
+    import shutil
+    from dataclasses import replace
+
+    from rag_capg.judges.base import LabelOracle
+    from rag_capg.retrieval.retriever import shippable
+
+    c, n_all, n_train = trainer.args, len(trainer.all_train_q), len(trainer.train_q)
+    steps = max(1, round(shipped * n_all / n_train))
+    with torch.no_grad():  # back to the starting weights (they are the base's; the corpus cache still hits)
+        for n, p in trainer.model.named_parameters():
+            if n in trainer.start_state:
+                p.copy_(trainer.start_state[n])
+    start = copy.deepcopy(shippable(trainer.model)) if c.lora_r > 0 else trainer.model
+    trainer.optimizer = trainer.scheduler = None  # free the first run's optimizer state before the second
+    # the label oracle was built on the training part's labels; every other judge keeps its score cache
+    judge = trainer.judge_spec if isinstance(trainer.judge.judge, LabelOracle) else trainer.judge
+    args = replace(c, output_dir=str(trainer.out / "refit"), dev_fraction=0.0, max_steps=steps, refit=False,
+                   eval_every=0, eval_before=False)
+    second = type(trainer)(start, judge, args, corpus=trainer.corpus, train_dataset=trainer.all_train_q,
+                           eval_dataset=trainer.eval_q, script_args=trainer.script_args)
+    second.eval_start_per_query = trainer.eval_start_per_query  # the paired test against the same start
+    summary = second.train()
+    trainer.model, trainer.doc_emb = second.model, second.doc_emb
+    if trainer.accelerator.is_main_process:  # final/ is written once, by the outer run
+        shutil.rmtree(trainer.out / "refit" / "final", ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    info = {"steps": steps, "train_queries": n_all, "from_step": shipped, "of_steps": trainer.step,
+            "wall_time_s": summary["wall_time_s"], "folder": "refit"}
+    return summary["eval_after"], info

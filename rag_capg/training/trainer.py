@@ -62,7 +62,7 @@ from rag_capg.training.config import CAPGConfig
 from rag_capg.training.rollout import TAIL_SAMPLES, Rollout, batch_indices, noise_generator, rollout
 from rag_capg.training.run_folder import RunFolder
 from rag_capg.training.run_logger import RunLogger
-from rag_capg.training.selection import shipped_step, split_dev
+from rag_capg.training.selection import refit, shipped_step, split_dev
 from rag_capg.training.step_log import SUMMED, step_row, step_sums
 
 
@@ -122,6 +122,7 @@ class CAPGTrainer:
         check_candidate_size(c.candidates, self.corpus, field="candidates")
         self.train_q = as_queries(train_dataset, self.corpus, split="train")
         self.eval_q = None if eval_dataset is None else as_queries(eval_dataset, self.corpus, split="eval")
+        self.all_train_q, self.judge_spec = self.train_q, judge  # what a refit (training/selection.py) starts from
         # the dev part: held out of training, it chooses the checkpoint shipped as final/ (training/selection.py)
         self.train_q, self.dev_q = split_dev(self.train_q, c.dev_fraction, max_queries=c.dev_max_queries,
                                              seed=c.dev_seed) if c.dev_fraction > 0 else (self.train_q, None)
@@ -409,7 +410,7 @@ class CAPGTrainer:
             resumed_from = str(ckpt)
         else:  # from step 0 (a run killed before its first checkpoint too): no earlier choice may leak in
             if acc.is_main_process:
-                for stale in ("best", "best.json", "dev_qrels.json", "dev_per_query.json"):
+                for stale in ("best", "best.json", "dev_qrels.json", "dev_per_query.json", "refit"):
                     path = self.out / stale
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             acc.wait_for_everyone()
@@ -442,6 +443,9 @@ class CAPGTrainer:
                                 limit=c.save_total_limit)
         bar.close()
         after, selection = self.finish_selection()
+        if c.refit and selection["selection"].get("improved"):  # the dev part chose how long; now train on all
+            checked, (after, selection["refit"]) = after, refit(self, selection["selection"]["shipped_step"])
+            selection["refit"]["eval_of_checked_step"] = checked
         summary = {"base_model": self.base_model_name, "dataset": self.corpus.source, "lsr": self.judge.identity,
                    "reward_mapping": c.reward_mapping, "estimator": c.estimator, "K": c.candidates,
                    "L": c.num_picks, "G": c.group_size, "mode": c.mode, "steps": self.step,
@@ -498,10 +502,17 @@ class CAPGTrainer:
                        f"queries (p = {p_value:.3f} >= dev_alpha {c.dev_alpha}): final/ is the starting model, "
                        "unchanged.")
         elif self.dev_labels == "judge":  # agreement with the judge chose it: a proxy that can rise while quality falls
-            message = (f"final/ is step {shipped}, chosen without labels: on the {len(self.dev_q)} dev queries it "
-                       f"agrees with the judge better than the start did (p = {p_value:.3f}), which is not the same "
-                       "as ranking better. Check it on a few labelled queries before you ship it (README, \"No "
-                       "labels\").")
+            what = (f"final/ is retrained on all {len(self.all_train_q)} training queries for as long as step "
+                    f"{shipped} had trained (refit), and step {shipped} was chosen") if c.refit else \
+                f"final/ is step {shipped}, chosen"
+            message = (f"{what} without labels: on the {len(self.dev_q)} dev queries it agrees with the judge "
+                       f"better than the start did (p = {p_value:.3f}), which is not the same as ranking better. "
+                       "Check it on a few labelled queries before you ship it (README, \"No labels\").")
+        elif c.refit:
+            message = (f"final/ is retrained from the start on all {len(self.all_train_q)} training queries, the "
+                       f"{len(self.dev_q)} dev ones included, for as long as the checkpoint the dev queries chose "
+                       f"(step {shipped} of {self.step}, dev {name} {dev_start:.4f} -> {self.best['metric']:.4f}, "
+                       f"p = {p_value:.3f}) had trained (refit=false ships that checkpoint instead).")
         return after, {"selection": selection, **({"message": message} if message else {})}
 
     def _metric_key(self) -> str:

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from rag_capg.retrieval.data import QuerySet, load_corpus, load_queries
+from rag_capg.retrieval.retriever import shippable
 from rag_capg.training.selection import judge_pseudo_qrels, shipped_step, split_dev
-from tests.training.test_trainer import config, train, weights
+from tests.training.test_trainer import config, max_diff, train, weights
 
 
 def test_dev_split_is_disjoint_seeded_and_independent_of_order():
@@ -146,3 +147,53 @@ def test_a_checkpoint_chosen_on_judge_agreement_ships_with_a_warning(tmp_path, t
     assert sel["dev_labels"] == "judge" and sel["shipped_step"] > 0 and sel["dev_best"] > sel["dev_start"]
     # agreement with the judge chose it: the run says that this is not the same as ranking better
     assert "chosen without labels" in summary["message"] and "chosen without labels" in capsys.readouterr().out
+
+
+
+def test_refit_is_the_same_run_on_all_queries_for_the_chosen_length(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
+    # after a run whose dev half chose step 2, the refit must equal an independent run from the start on all 12
+    # queries (the dev ones with their labels: the oracle is rebuilt on all of them) for twice as many steps
+    from rag_capg.cli.train import GROUPS, build_trainer
+    from rag_capg.config_parsing import config_from_dict
+    from rag_capg.training.selection import refit
+
+    common = dict(learning_rate=5e-3, batch_size=3, lsr="label_oracle", eval_split="test")
+    cfg = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, dev_fraction=0.5, dev_max_queries=None, max_steps=4,
+                 refit=False, **common)
+    trainer = build_trainer(*config_from_dict(GROUPS, cfg))
+    trainer.train()
+    after, info = refit(trainer, 2)
+    assert info["steps"] == 4 and info["train_queries"] == 12 and info["from_step"] == 2
+    assert not (tmp_path / "run" / "refit" / "final").exists() and (tmp_path / "run" / "refit" / "metrics.jsonl").is_file()
+    alone = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, dev_fraction=0.0, max_steps=4,
+                   output_dir=str(tmp_path / "alone"), **common)
+    expected = train(alone)
+    shippable(trainer.model).save(str(tmp_path / "ours"))
+    assert max_diff(weights(tmp_path / "ours"), weights(tmp_path / "alone" / "final")) < 1e-6
+    assert after["ndcg@10"] == expected["eval_after"]["ndcg@10"]
+
+
+def test_a_run_whose_checkpoint_passes_the_gate_ships_its_refit(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, capsys):
+    from rag_capg import CAPGConfig, CAPGTrainer
+
+    corpus = load_corpus(str(tiny_beir_dir))
+    queries = load_queries(str(tiny_beir_dir), "train", corpus)
+    unlabelled = dict(zip(queries.ids, queries.texts))
+    args = CAPGConfig(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), candidates=5,
+                      batch_size=6, max_steps=8, eval_every=2, learning_rate=5e-3, report_to="none", progress=False,
+                      dev_fraction=0.5, dev_max_queries=None, dev_judge_top=1, dev_alpha=1.0)
+    summary = CAPGTrainer(model=str(tiny_bi_encoder_path), judge=variant_two_judge, args=args, corpus=corpus,
+                          train_dataset=unlabelled).train()
+    sel, info = summary["selection"], summary["refit"]
+    assert sel["shipped_step"] > 0 and info["steps"] == 2 * sel["shipped_step"] and info["train_queries"] == 12
+    assert "retrained on all 12 training queries" in summary["message"]
+    # the same judge on all the queries, from the start, for that many steps: the same weights
+    alone = CAPGConfig(**{**args.__dict__, "output_dir": str(tmp_path / "alone"), "dev_fraction": 0.0,
+                          "max_steps": info["steps"]})
+    CAPGTrainer(model=str(tiny_bi_encoder_path), judge=variant_two_judge, args=alone, corpus=corpus,
+                train_dataset=unlabelled).train()
+    assert max_diff(weights(tmp_path / "run" / "final"), weights(tmp_path / "alone" / "final")) < 1e-6
+    kept = CAPGTrainer(model=str(tiny_bi_encoder_path), judge=variant_two_judge, corpus=corpus,
+                       train_dataset=unlabelled,
+                       args=CAPGConfig(**{**args.__dict__, "output_dir": str(tmp_path / "kept"), "refit": False})).train()
+    assert "refit" not in kept and "final/ is step" in kept["message"]
