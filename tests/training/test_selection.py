@@ -164,7 +164,8 @@ def test_refit_is_the_same_run_on_all_queries_for_the_chosen_length(tmp_path, ti
     trainer.train()
     after, info = refit(trainer, 2)
     assert info["steps"] == 4 and info["train_queries"] == 12 and info["from_step"] == 2
-    assert not (tmp_path / "run" / "refit" / "final").exists() and (tmp_path / "run" / "refit" / "metrics.jsonl").is_file()
+    second = tmp_path / "run" / "refit"  # the second run's logs; its model is the outer run's final/
+    assert not (second / "final").exists() and (second / "metrics.jsonl").is_file()
     alone = config(tmp_path, tiny_bi_encoder_path, tiny_beir_dir, dev_fraction=0.0, max_steps=4,
                    output_dir=str(tmp_path / "alone"), **common)
     expected = train(alone)
@@ -193,7 +194,7 @@ def test_a_run_whose_checkpoint_passes_the_gate_ships_its_refit(tmp_path, tiny_b
     CAPGTrainer(model=str(tiny_bi_encoder_path), judge=variant_two_judge, args=alone, corpus=corpus,
                 train_dataset=unlabelled).train()
     assert max_diff(weights(tmp_path / "run" / "final"), weights(tmp_path / "alone" / "final")) < 1e-6
+    kept_args = CAPGConfig(**{**args.__dict__, "output_dir": str(tmp_path / "kept"), "refit": False})
     kept = CAPGTrainer(model=str(tiny_bi_encoder_path), judge=variant_two_judge, corpus=corpus,
-                       train_dataset=unlabelled,
-                       args=CAPGConfig(**{**args.__dict__, "output_dir": str(tmp_path / "kept"), "refit": False})).train()
+                       train_dataset=unlabelled, args=kept_args).train()
     assert "refit" not in kept and "final/ is step" in kept["message"]
