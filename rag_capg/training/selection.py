@@ -93,11 +93,14 @@ def refit(trainer, shipped: int) -> tuple[dict | None, dict]:
 
     c, n_all, n_train = trainer.args, len(trainer.all_train_q), len(trainer.train_q)
     steps = max(1, round(shipped * n_all / n_train))
-    with torch.no_grad():  # back to the starting weights (they are the base's; the corpus cache still hits)
-        for n, p in trainer.model.named_parameters():
+    # back to the starting weights, in the model that trained (start_state holds its parameter names; trainer.model
+    # may be best/ reloaded, whose names differ under LoRA). They are the base's, so the corpus cache still hits.
+    model = trainer.accelerator.unwrap_model(trainer.train_model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
             if n in trainer.start_state:
                 p.copy_(trainer.start_state[n])
-    start = copy.deepcopy(shippable(trainer.model)) if c.lora_r > 0 else trainer.model
+    start = copy.deepcopy(shippable(model)) if c.lora_r > 0 else model
     trainer.optimizer = trainer.scheduler = None  # free the first run's optimizer state before the second
     # the label oracle was built on the training part's labels; every other judge keeps its score cache
     judge = trainer.judge_spec if isinstance(trainer.judge.judge, LabelOracle) else trainer.judge

@@ -3,6 +3,7 @@ resume), the judge's pseudo-labels without qrels, and a run that never beats its
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import statistics
@@ -149,7 +150,6 @@ def test_a_checkpoint_chosen_on_judge_agreement_ships_with_a_warning(tmp_path, t
     assert "chosen without labels" in summary["message"] and "chosen without labels" in capsys.readouterr().out
 
 
-
 def test_refit_is_the_same_run_on_all_queries_for_the_chosen_length(tmp_path, tiny_bi_encoder_path, tiny_beir_dir):
     # after a run whose dev half chose step 2, the refit must equal an independent run from the start on all 12
     # queries (the dev ones with their labels: the oracle is rebuilt on all of them) for twice as many steps
@@ -162,6 +162,10 @@ def test_refit_is_the_same_run_on_all_queries_for_the_chosen_length(tmp_path, ti
                  refit=False, **common)
     trainer = build_trainer(*config_from_dict(GROUPS, cfg))
     trainer.train()
+    trainer.model = copy.deepcopy(trainer.model)  # as when final/ is best/ reloaded: the refit must not start there
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.1)
     after, info = refit(trainer, 2)
     assert info["steps"] == 4 and info["train_queries"] == 12 and info["from_step"] == 2
     second = tmp_path / "run" / "refit"  # the second run's logs; its model is the outer run's final/
